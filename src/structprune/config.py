@@ -1,0 +1,104 @@
+"""Run configuration: frozen dataclasses with validation and a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular")
+RECONSTRUCTIONS = ("none", "lstsq", "admm")
+SCORERS = ("wanda", "magnitude", "random", "flap")
+TARGETS = ("dense", "local")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+MAX_SPARSITY = 0.95
+
+
+def _check(cond: bool, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: {why}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides what a pruning run does.
+
+    sparsity: ACTUAL fraction of decoder linear weight parameters to remove (PROTOCOL.md).
+    nsamples / seqlen: calibration windows and their length in tokens.
+    batch_size: calibration windows moved to the compute device at once.
+    scorer: unit importance ("wanda": |W| column norm x input-activation norm).
+    allocation: how the budget is spread over layers and modules.
+    reconstruction: how kept weights are re-fitted ("lstsq": damped least squares).
+    target: "dense" fits each consumer projection to the dense model's outputs on the
+        dense stream (corrects errors from earlier layers); "local" fits it to the dense
+        layer applied to the pruned stream (classic layer-wise reconstruction).
+    damp: relative ridge damping, times mean(diag(Gram)).
+    """
+
+    sparsity: float = 0.3
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    calib: str = "wiki"
+    scorer: str = "wanda"
+    allocation: str = "uniform"
+    reconstruction: str = "lstsq"
+    target: str = "dense"
+    damp: float = 0.01
+    prune_attention: bool = True
+    prune_mlp: bool = True
+    max_layer_sparsity: float = 0.9
+    temperature: str = "auto"
+    rho: float = 1.0
+    gamma: float = 0.0
+    admm_iters: int = 4
+    admm_alpha: float = 1.0
+    admm_beta: float = 1.0
+    admm_gamma: float = 1.0
+    chunk_tokens: int = 8192
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.sparsity <= MAX_SPARSITY, "sparsity", self.sparsity,
+               f"use a fraction in [0, {MAX_SPARSITY}] of decoder weights to remove")
+        _check(self.nsamples >= 1, "nsamples", self.nsamples, "need at least one calibration window")
+        _check(self.seqlen >= 8, "seqlen", self.seqlen, "windows must be at least 8 tokens")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.scorer in SCORERS, "scorer", self.scorer, f"choose one of {SCORERS}")
+        _check(self.allocation in ALLOCATIONS, "allocation", self.allocation, f"choose one of {ALLOCATIONS}")
+        _check(self.reconstruction in RECONSTRUCTIONS, "reconstruction", self.reconstruction,
+               f"choose one of {RECONSTRUCTIONS}")
+        _check(self.target in TARGETS, "target", self.target, f"choose one of {TARGETS}")
+        _check(self.damp > 0, "damp", self.damp, "damping must be positive")
+        _check(self.prune_attention or self.prune_mlp, "prune_attention/prune_mlp",
+               (self.prune_attention, self.prune_mlp), "at least one module kind must be prunable")
+        _check(0.0 < self.max_layer_sparsity <= 1.0, "max_layer_sparsity", self.max_layer_sparsity,
+               "must be in (0, 1]")
+        if self.temperature != "auto":
+            try:
+                t = float(self.temperature)
+            except ValueError:
+                t = -1.0
+            _check(t > 0, "temperature", self.temperature, "use 'auto' or a positive number")
+        _check(self.rho > 0, "rho", self.rho, "attention/MLP ratio must be positive")
+        _check(self.admm_iters >= 0, "admm_iters", self.admm_iters, "must be >= 0")
+        for name in ("admm_alpha", "admm_beta", "admm_gamma"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "ADMM penalties must be positive")
+        _check(self.chunk_tokens >= 16, "chunk_tokens", self.chunk_tokens, "must be >= 16")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
+
+    def replace(self, **changes: Any) -> "PruneConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown PruneConfig fields {unknown}; known fields: {sorted(names)}")
+        return cls(**data)
