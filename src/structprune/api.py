@@ -1,0 +1,55 @@
+"""The Python API: `prune`, `evaluate_perplexity` and friends, thin over the pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PruneConfig
+from .data import calibration_windows, eval_windows, load_text, tokenize
+from .evaluate import perplexity
+from .loading import load_model
+from .pipeline import PruneResult, prune_model
+from .streaming import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def calibration_data(tokenizer: Any, config: PruneConfig) -> torch.Tensor:
+    """Calibration windows [nsamples, seqlen] from `config.calib` (the calibration split)."""
+    ids = tokenize(tokenizer, load_text(config.calib, split="calib"))
+    return calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
+
+
+def prune(model_or_path: nn.Module | str, config: PruneConfig | None = None, tokenizer: Any = None,
+          calib_windows: torch.Tensor | None = None, progress: bool = True) -> PruneResult:
+    """Prune a model (object or MODEL string) to `config.sparsity` ACTUAL decoder sparsity.
+
+    The input model is never modified. Calibration windows come from `calib_windows`
+    [nsamples, seqlen] when given, else from `config.calib` with `tokenizer`.
+    Returns the pruned model (host), its plan and the tokenizer.
+    """
+    config = config or PruneConfig()
+    resolve_device(config.device)  # fail fast on a missing device
+    if isinstance(model_or_path, str):
+        model, loaded_tok = load_model(model_or_path, config.dtype)
+        tokenizer = tokenizer or loaded_tok
+    else:
+        model = model_or_path
+    if calib_windows is None:
+        if tokenizer is None:
+            raise ValueError("pass a tokenizer or calib_windows: calibration text must be tokenized")
+        calib_windows = calibration_data(tokenizer, config)
+    pruned, plan = prune_model(model, calib_windows, config, progress=progress)
+    return PruneResult(model=pruned, plan=plan, tokenizer=tokenizer)
+
+
+def evaluate_perplexity(model: nn.Module, tokenizer: Any, data: str = "wiki", seqlen: int = 512,
+                        windows: int | None = 64, device: str = "auto", batch_size: int = 4,
+                        progress: bool = True) -> float:
+    """Perplexity per PROTOCOL.md on the evaluation side of `data` (first `windows` windows)."""
+    ids = tokenize(tokenizer, load_text(data, split="eval"))
+    return perplexity(model, eval_windows(ids, seqlen, windows), resolve_device(device), batch_size, progress)

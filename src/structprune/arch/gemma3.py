@@ -1,0 +1,15 @@
+"""Gemma 3 text models (gemma3_text): GQA with q/k norms, gated GELU MLP, sandwich norms."""
+
+from __future__ import annotations
+
+from .base import register
+from .llama import LlamaAdapter
+
+
+@register
+class Gemma3Adapter(LlamaAdapter):
+    model_types = ("gemma3_text",)
+    gated = True
+
+    def mlp_activation(self) -> str:
+        return str(self.config.hidden_activation)

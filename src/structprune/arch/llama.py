@@ -1,0 +1,41 @@
+"""Llama family: llama, mistral, qwen2, qwen3 (grouped-query attention, gated SiLU MLP)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, LayerShape, register
+
+
+@register
+class LlamaAdapter(Adapter):
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    gated = True
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    def q_k_v(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        a = layer.self_attn
+        return a.q_proj, a.k_proj, a.v_proj
+
+    def o_proj(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn.o_proj
+
+    def mlp_producers(self, layer: nn.Module) -> list[nn.Module]:
+        return [layer.mlp.gate_proj, layer.mlp.up_proj]
+
+    def down_proj(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp.down_proj
+
+    def set_attention_shape(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        # The forward reshapes with -1 heads; only the GQA repeat factor is read per layer.
+        layer.self_attn.num_key_value_groups = num_heads // num_kv_heads
+
+    def vanilla_fields(self, shape: LayerShape) -> dict[str, int] | None:
+        return {
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "intermediate_size": shape.intermediate_size,
+            "head_dim": self.head_dim,
+        }

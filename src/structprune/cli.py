@@ -1,0 +1,203 @@
+"""Command line: parse -> config -> API. No pruning logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ALLOCATIONS, RECONSTRUCTIONS, SCORERS, TARGETS
+
+log = logging.getLogger("structprune")
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING")
+
+
+def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsamples: int = 64) -> None:
+    from .methods import METHODS
+
+    p.add_argument("--sparsity", type=float, default=sparsity,
+                   help=f"ACTUAL fraction of decoder linear weights to remove, in [0, 0.95] (default {sparsity})")
+    p.add_argument("--calib", default="wiki",
+                   help="calibration text: wiki (built in), a .txt/.jsonl file, wikitext2, ptb or c4")
+    p.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration offsets (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per device batch")
+    p.add_argument("--method", default="structprune", choices=sorted(METHODS), help="named preset")
+    p.add_argument("--scorer", choices=SCORERS, default=None, help="unit importance (overrides the method)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None, help="per-layer budget rule")
+    p.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default=None, help="weight re-fit")
+    p.add_argument("--target", choices=TARGETS, default=None,
+                   help="re-fit target: dense (dense-model outputs, default) or local")
+    p.add_argument("--out", default=None, help="output folder for the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .methods import method_config
+
+    return method_config(
+        args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, batch_size=args.batch_size, scorer=args.scorer, allocation=args.allocation,
+        reconstruction=args.reconstruction, target=args.target, device=args.device, dtype=args.dtype)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
+    from . import api, io
+    from .loading import load_model
+
+    config = _config(args)
+    if args.out is None:
+        raise ValueError("--out is required: the folder to write the pruned model to")
+    io.check_output_dir(args.out, args.overwrite)
+    model, tok = load_model(args.model, config.dtype)
+    windows = api.calibration_data(tok, config)
+    dense_ppl = pruned_ppl = None
+    ev = dict(data=args.data, seqlen=args.eval_seqlen, windows=args.windows, device=args.device,
+              progress=not args.no_progress) if evaluate else {}
+    if evaluate:
+        dense_ppl = api.evaluate_perplexity(model, tok, **ev)
+    t0 = time.perf_counter()
+    result = api.prune(model, config, tokenizer=tok, calib_windows=windows, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    if evaluate:
+        pruned_ppl = api.evaluate_perplexity(result.model, tok, **ev)
+        result.plan.timing.update({"perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl})
+    io.save_pruned(result.model, result.plan, args.out, tokenizer=tok, overwrite=args.overwrite)
+    plan = result.plan
+    rows = [
+        ("model", args.model),
+        ("method", f"{args.method} (scorer {config.scorer}, allocation {config.allocation}, "
+                   f"reconstruction {config.reconstruction})"),
+        ("calibration", f"{config.calib}: {config.nsamples} x {config.seqlen} tokens, seed {config.seed}"),
+        ("parameters (all)", f"{plan.params_dense:,} -> {plan.params_pruned:,}"),
+        ("decoder linear weights", f"{plan.decoder_params_dense:,} -> {plan.decoder_params_pruned:,}"),
+        ("sparsity", f"actual {plan.actual_sparsity:.4f} (requested {config.sparsity})"),
+        ("pruning time", f"{seconds:.1f} s on {args.device}"),
+    ]
+    if evaluate:
+        rows.append((f"perplexity ({args.data} eval, {args.windows} x {args.eval_seqlen}, fp32)",
+                     f"{dense_ppl:.2f} -> {pruned_ppl:.2f}"))
+    rows.append(("saved to", str(Path(args.out).resolve())))
+    print(_table(rows))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import api
+    from .loading import load_model
+
+    model, tok = load_model(args.model, args.dtype)
+    ppl = api.evaluate_perplexity(model, tok, data=args.data, seqlen=args.seqlen, windows=args.windows,
+                                  device=args.device, progress=not args.no_progress)
+    print(_table([("model", args.model), ("data", f"{args.data} (eval split)"),
+                  ("windows", f"{args.windows} x {args.seqlen} tokens, {args.dtype}"),
+                  ("perplexity", f"{ppl:.3f}")]))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .io import load_plan
+
+    plan = load_plan(args.dir)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+        return 0
+    cfg = plan.config
+    print(_table([
+        ("model type", plan.model_type),
+        ("method", f"scorer {cfg['scorer']}, allocation {cfg['allocation']}, reconstruction {cfg['reconstruction']}"),
+        ("sparsity", f"actual {plan.actual_sparsity:.4f} (requested {cfg['sparsity']})"),
+        ("parameters (all)", f"{plan.params_dense:,} -> {plan.params_pruned:,}"),
+    ]))
+    print(f"\n{'layer':>5} {'heads':>7} {'kv':>5} {'neurons':>11} {'attn err none->fit':>22} {'mlp err none->fit':>22}")
+    for lp in plan.layers:
+        d = lp.dense_shape
+
+        def err(kind: str) -> str:
+            r = lp.recon.get(kind)
+            return f"{r['error_none']:.4g} -> {r['error']:.4g}" if r else "-"
+
+        print(f"{lp.index:>5} {len(lp.kept_heads):>3}/{d['num_heads']:<3} {len(lp.kept_kv_heads):>2}/{d['num_kv_heads']:<2}"
+              f" {len(lp.kept_neurons):>5}/{d['intermediate_size']:<5} {err('attn'):>22} {err('mlp'):>22}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="structprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save it")
+    p.add_argument("model", help="local HF folder, .gguf file, hub id, or 'smollm2-135m'")
+    _add_prune_options(p)
+    _add_common(p)
+    p.add_argument("--eval", action="store_true", help="also measure dense and pruned perplexity")
+    _add_eval_data(p, prefix=True)
+
+    d = sub.add_parser("demo", help="the main job: prune the built-in SmolLM2-135M to 30%% and evaluate")
+    d.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_prune_options(d, nsamples=32)
+    _add_common(d)
+    _add_eval_data(d, prefix=True)
+
+    e = sub.add_parser("eval", help="perplexity of a model (PROTOCOL.md)")
+    e.add_argument("model")
+    _add_eval_data(e, prefix=False)
+    _add_common(e)
+
+    i = sub.add_parser("info", help="what a pruned folder kept, per layer")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    return parser
+
+
+def _add_eval_data(p: argparse.ArgumentParser, prefix: bool) -> None:
+    p.add_argument("--data", default="wiki", help="evaluation text: wiki (held-out split), a file, wikitext2, ptb, c4")
+    p.add_argument("--eval-seqlen" if prefix else "--seqlen", dest="eval_seqlen" if prefix else "seqlen",
+                   type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--windows", type=int, default=64, help="evaluation windows from the start (default 64)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "INFO")
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "prune":
+            return cmd_prune(args, evaluate=args.eval)
+        if args.command == "demo":
+            if args.out is None:
+                args.out = f"out/{args.model.replace('/', '_')}-{args.sparsity:g}"
+            return cmd_prune(args, evaluate=True)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "info":
+            return cmd_info(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

