@@ -63,6 +63,22 @@ def _gelu_tanh_grad(t: Tensor) -> Tensor:
     return 0.5 * (1.0 + th) + 0.5 * t * (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * t * t)
 
 
+def _gelu_tanh_curv(t: Tensor) -> Tensor:
+    th = torch.tanh(_SQRT_2_OVER_PI * (t + 0.044715 * t**3))
+    s1 = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * t * t)
+    s2 = _SQRT_2_OVER_PI * 6 * 0.044715 * t
+    return (1.0 - th * th) * (s1 + 0.5 * t * (s2 - 2.0 * th * s1 * s1))
+
+
+def _gelu_curv(t: Tensor) -> Tensor:
+    return torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) * (2.0 - t * t)
+
+
+def _silu_curv(t: Tensor) -> Tensor:
+    s = torch.sigmoid(t)
+    return s * (1.0 - s) * (2.0 + t * (1.0 - 2.0 * s))
+
+
 def _gelu_grad(t: Tensor) -> Tensor:
     cdf = 0.5 * (1.0 + torch.erf(t / math.sqrt(2.0)))
     return cdf + t * torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
@@ -73,11 +89,11 @@ def _silu_grad(t: Tensor) -> Tensor:
     return s * (1.0 + t * (1.0 - s))
 
 
-_ACTS: dict[str, tuple[Activation, Activation]] = {
-    "relu": (torch.relu, lambda t: (t > 0).to(t.dtype)),
-    "gelu": (torch.nn.functional.gelu, _gelu_grad),
-    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
-    "silu": (torch.nn.functional.silu, _silu_grad),
+_ACTS: dict[str, tuple[Activation, Activation, Activation]] = {  # function, first and second derivative
+    "relu": (torch.relu, lambda t: (t > 0).to(t.dtype), torch.zeros_like),
+    "gelu": (torch.nn.functional.gelu, _gelu_grad, _gelu_curv),
+    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad, _gelu_tanh_curv),
+    "silu": (torch.nn.functional.silu, _silu_grad, _silu_curv),
 }
 
 
@@ -86,7 +102,7 @@ def resolve_activation(act: str) -> tuple[str, Activation, Activation]:
     name = _ACT_ALIASES.get(act)
     if name is None:
         raise ValueError(f"act={act!r} is not supported; choose one of {sorted(_ACT_ALIASES)}")
-    fn, grad = _ACTS[name]
+    fn, grad, _ = _ACTS[name]
     return name, fn, grad
 
 
@@ -130,26 +146,42 @@ def update_z_smooth(
     alpha: float,
     gamma: float,
     v: Tensor | None = None,
-    steps: int = 3,
+    steps: int = 4,
     halvings: int = 5,
 ) -> Tensor:
-    """Proximal step g (p - v act(z))^2 + a (z - m)^2 for a smooth activation, from z.
+    """Proximal step g (p - v act(z))^2 + a (z - m)^2 for a smooth activation. [n, k].
 
-    Gauss-Newton steps (curvature 2 g v^2 act'(z)^2 + 2 a > 0) with elementwise step
-    halving: an element moves only when its cost falls, so the cost never rises. [n, k].
+    The 1-D problems are not convex (GELU and SiLU dip below zero), so two starts are
+    refined and the cheaper end point kept per element: the current z and the exact ReLU
+    solution (GELU and SiLU are close to ReLU away from 0). Each start takes Newton steps
+    (Gauss-Newton, curvature 2 g v^2 act'(z)^2 + 2 a > 0, where the exact curvature is not
+    safely positive) with elementwise step halving, moving an element only when its cost
+    falls; the cost is therefore never above that at z.
     """
-    _, fn, grad = resolve_activation(act)
+    name, fn, grad = resolve_activation(act)
+    curv = _ACTS[name][2]
     vv = torch.ones_like(p) if v is None else v
 
     def cost(t: Tensor) -> Tensor:
         return gamma * (p - vv * fn(t)) ** 2 + alpha * (t - m) ** 2
 
+    z_a, f_a = _newton(z, cost, fn, grad, curv, p, m, vv, alpha, gamma, steps, halvings)
+    z_b, f_b = _newton(update_z_relu(p, m, alpha, gamma, v), cost, fn, grad, curv, p, m, vv, alpha, gamma,
+                       steps, halvings)
+    return torch.where(f_b < f_a, z_b, z_a)
+
+
+def _newton(z: Tensor, cost: Activation, fn: Activation, grad: Activation, curv: Activation, p: Tensor,
+            m: Tensor, vv: Tensor, alpha: float, gamma: float, steps: int, halvings: int) -> tuple[Tensor, Tensor]:
     z = z.clone()
     f_cur = cost(z)
     for _ in range(steps):
         d = grad(z) * vv
-        g = -gamma * d * (p - vv * fn(z)) + alpha * (z - m)
-        step = -g / (gamma * d * d + alpha)
+        r = p - vv * fn(z)
+        g = -gamma * d * r + alpha * (z - m)
+        h_gn = gamma * d * d + alpha
+        h = h_gn - gamma * vv * curv(z) * r
+        step = -g / torch.where(h > 0.1 * h_gn, h, h_gn)
         pending = torch.ones_like(z, dtype=torch.bool)
         t = 1.0
         for _ in range(halvings):
@@ -162,7 +194,7 @@ def update_z_smooth(
             if not pending.any():
                 break
             t *= 0.5
-    return z
+    return z, f_cur
 
 
 def update_up(p: Tensor, a: Tensor, u: Tensor, alpha: float, gamma: float) -> Tensor:
