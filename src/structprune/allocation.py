@@ -88,13 +88,13 @@ def _solve_path(
                     pts.add(t)
     ts = sorted(pts)
     gs = [_total(_kept(base, slope, t, lo, hi), p) for t in ts]
-    tol = 1e-12 * max(abs(target), 1e-300)
+    tol = 1e-15 * math.fsum(p)  # rounding of the sums themselves
     for i, g in enumerate(gs):
         if abs(g - target) <= tol:
             return _kept(base, slope, ts[i], lo, hi)
     for i in range(len(ts) - 1):
         g0, g1 = gs[i], gs[i + 1]
-        if min(g0, g1) <= target <= max(g0, g1) and g0 != g1:
+        if min(g0, g1) - tol <= target <= max(g0, g1) + tol and g0 != g1:
             t = ts[i] + (target - g0) * (ts[i + 1] - ts[i]) / (g1 - g0)
             kept = _kept(base, slope, t, lo, hi)
             # One Newton step on t removes the rounding left by the interpolation.
@@ -148,12 +148,18 @@ def meet_budget(
     target = (1.0 - sparsity) * math.fsum(p)
     target = min(max(target, lo * math.fsum(p)), hi * math.fsum(p))
     n = len(k)
+    if target <= lo * math.fsum(p) or target >= hi * math.fsum(p):  # every module at one limit
+        return [lo if target <= lo * math.fsum(p) else hi] * n
 
     if method == "scale":
         base, slope = [1.0] * n, [-max(0.0, 1.0 - x) for x in k]
     elif method == "scale-kept":
         base, slope = [0.0] * n, [max(0.0, x) for x in k]
     if method != "shift":
+        # Normalise the path speed (t is free) and drop negligible slopes, so that no
+        # breakpoint (edge - base) / slope overflows.
+        top = max(abs(x) for x in slope)
+        slope = [x / top if abs(x) > 1e-12 * top else 0.0 for x in slope] if top > 0 else slope
         out = _solve_path(base, slope, p, lo, hi, target, 0.0)
         if out is not None:
             return out
@@ -405,12 +411,16 @@ def unit_contributions(
 
     c2 = torch.empty(len(cols), dtype=torch.float64, device=g.device)
     cb = torch.empty(len(cols), dtype=torch.float64, device=g.device)
-    for j, jc in enumerate(cols):
-        jc = jc.to(g.device)
-        wj = w_eff[:, jc]
-        c2[j] = ((wj @ g[jc][:, jc]) * wj).sum()
-        e = torch.linalg.solve(h[jc][:, jc], mh[:, jc].T).T  # W~ C[:,F] H[F,J] H_JJ^-1
-        cb[j] = (e * wj).sum()
+    for size in sorted({len(c) for c in cols}):  # batched over units of one size
+        which = [j for j, c in enumerate(cols) if len(c) == size]
+        idx = torch.stack([cols[j] for j in which]).to(g.device)  # [U, k]
+        wj = w_eff[:, idx].permute(1, 2, 0)  # [U, k, out]
+        g_jj = g[idx[:, :, None], idx[:, None, :]]  # [U, k, k]
+        h_jj = h[idx[:, :, None], idx[:, None, :]]
+        mh_j = mh[:, idx].permute(1, 2, 0)  # [U, k, out]: W~ C[:, F] H[F, J]
+        sel = torch.tensor(which, dtype=torch.long, device=g.device)
+        c2[sel] = torch.einsum("uko,ukl,ulo->u", wj, g_jj, wj)
+        cb[sel] = (torch.linalg.solve(h_jj, mh_j) * wj).sum(dim=(1, 2))  # H_JJ^-1 (...)
     c2 = (c2 / count).clamp_min(0)
     cb = cb / count
     c = c2.sqrt()
