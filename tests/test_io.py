@@ -1,0 +1,55 @@
+"""Save -> load round trips, vanilla reload, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import logits, tiny_model, windows
+from transformers import AutoModelForCausalLM
+
+import structprune as sp
+from structprune.io import PLAN_NAME, save_pruned
+
+
+def _pruned(family: str, sparsity: float = 0.3):
+    model = tiny_model(family)
+    cfg = sp.PruneConfig(sparsity=sparsity, nsamples=8, seqlen=24, batch_size=4, device="cpu")
+    return sp.prune(model, cfg, calib_windows=windows(8), progress=False)
+
+
+def test_save_load_identical_logits(family, tmp_path):
+    res = _pruned(family)
+    out = save_pruned(res.model, res.plan, tmp_path / "m")
+    loaded = sp.load_pruned(out)
+    ids = windows(2)
+    torch.testing.assert_close(logits(loaded, ids), logits(res.model, ids))
+    plan = json.loads((out / PLAN_NAME).read_text())
+    assert len(plan["layers"]) == 3 and abs(plan["actual_sparsity"] - res.plan.actual_sparsity) < 1e-12
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "opt", "gpt2"])
+def test_uniform_shapes_reload_with_plain_transformers(family, tmp_path):
+    """MLP-only pruning gives uniform shapes -> a vanilla checkpoint for every family."""
+    model = tiny_model(family)
+    cfg = sp.PruneConfig(sparsity=0.25, nsamples=8, seqlen=24, device="cpu", prune_attention=False)
+    res = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
+    assert res.model.config.structprune["vanilla"]
+    out = save_pruned(res.model, res.plan, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = windows(2)
+    torch.testing.assert_close(logits(plain, ids), logits(res.model, ids))
+
+
+def test_refuses_non_empty_output_and_overwrite_replaces(tmp_path):
+    res = _pruned("llama")
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty.*--overwrite"):
+        save_pruned(res.model, res.plan, target)
+    assert (target / "keep.txt").read_text() == "precious"
+    save_pruned(res.model, res.plan, target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / PLAN_NAME).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
