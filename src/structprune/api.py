@@ -18,19 +18,33 @@ from .streaming import resolve_device
 log = logging.getLogger(__name__)
 
 
-def calibration_data(tokenizer: Any, config: PruneConfig) -> torch.Tensor:
-    """Calibration windows [nsamples, seqlen] from `config.calib` (the calibration split)."""
+def calibration_data(tokenizer: Any, config: PruneConfig, holdout: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Calibration windows [nsamples, seqlen] from `config.calib` (the calibration split).
+
+    holdout=True also returns max(2, nsamples // 8) held-back windows drawn with seed + 1
+    (for the temperature search; still calibration text, never evaluation text).
+    """
     ids = tokenize(tokenizer, load_text(config.calib, split="calib"))
-    return calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
+    windows = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
+    if not holdout:
+        return windows
+    return windows, calibration_windows(ids, max(2, config.nsamples // 8), config.seqlen, config.seed + 1)
+
+
+def needs_holdout(config: PruneConfig) -> bool:
+    return config.allocation.startswith("softmax") and config.temperature == "auto"
 
 
 def prune(model_or_path: nn.Module | str, config: PruneConfig | None = None, tokenizer: Any = None,
-          calib_windows: torch.Tensor | None = None, progress: bool = True) -> PruneResult:
+          calib_windows: torch.Tensor | None = None, progress: bool = True,
+          holdout_windows: torch.Tensor | None = None) -> PruneResult:
     """Prune a model (object or MODEL string) to `config.sparsity` ACTUAL decoder sparsity.
 
     The input model is never modified. Calibration windows come from `calib_windows`
     [nsamples, seqlen] when given, else from `config.calib` with `tokenizer`.
-    Returns the pruned model (host), its plan and the tokenizer.
+    Returns the pruned model (host), its plan and the tokenizer. `holdout_windows`: calibration
+    windows kept apart for the temperature search (drawn automatically from config.calib).
     """
     config = config or PruneConfig()
     resolve_device(config.device)  # fail fast on a missing device
@@ -42,8 +56,11 @@ def prune(model_or_path: nn.Module | str, config: PruneConfig | None = None, tok
     if calib_windows is None:
         if tokenizer is None:
             raise ValueError("pass a tokenizer or calib_windows: calibration text must be tokenized")
-        calib_windows = calibration_data(tokenizer, config)
-    pruned, plan = prune_model(model, calib_windows, config, progress=progress)
+        if needs_holdout(config) and holdout_windows is None:
+            calib_windows, holdout_windows = calibration_data(tokenizer, config, holdout=True)
+        else:
+            calib_windows = calibration_data(tokenizer, config)
+    pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows)
     return PruneResult(model=pruned, plan=plan, tokenizer=tokenizer)
 
 

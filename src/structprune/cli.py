@@ -38,6 +38,15 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
     p.add_argument("--scorer", choices=SCORERS, default=None, help="unit importance (overrides the method)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None, help="per-layer budget rule")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default=None, help="weight re-fit")
+    p.add_argument("--temperature", default=None,
+                   help="softmax allocation temperature: auto (search on held-back calibration data) or a number")
+    p.add_argument("--rho", type=float, default=None, help="softmax-modular: attention pruning ratio relative to MLP")
+    p.add_argument("--gamma", type=float, default=None, help="softmax-modular: depth decay (>0 prunes deeper layers more)")
+    p.add_argument("--max-layer-sparsity", type=float, default=None, help="cap on any module's sparsity (default 0.9)")
+    p.add_argument("--admm-iters", type=int, default=None, help="ADMM iterations (reconstruction admm)")
+    p.add_argument("--admm-alpha", type=float, default=None, help="ADMM producer-fit penalty")
+    p.add_argument("--admm-beta", type=float, default=None, help="ADMM output-fit penalty")
+    p.add_argument("--admm-gamma", type=float, default=None, help="ADMM activation-consistency penalty")
     p.add_argument("--target", choices=TARGETS, default=None,
                    help="re-fit target: dense (dense-model outputs, default) or local")
     p.add_argument("--out", default=None, help="output folder for the pruned model")
@@ -50,7 +59,9 @@ def _config(args: argparse.Namespace) -> Any:
     return method_config(
         args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, batch_size=args.batch_size, scorer=args.scorer, allocation=args.allocation,
-        reconstruction=args.reconstruction, target=args.target, device=args.device, dtype=args.dtype)
+        reconstruction=args.reconstruction, target=args.target, device=args.device, dtype=args.dtype,
+        temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
+        admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -67,14 +78,19 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         raise ValueError("--out is required: the folder to write the pruned model to")
     io.check_output_dir(args.out, args.overwrite)
     model, tok = load_model(args.model, config.dtype)
-    windows = api.calibration_data(tok, config)
+    holdout = None
+    if api.needs_holdout(config):
+        windows, holdout = api.calibration_data(tok, config, holdout=True)
+    else:
+        windows = api.calibration_data(tok, config)
     dense_ppl = pruned_ppl = None
     ev = dict(data=args.data, seqlen=args.eval_seqlen, windows=args.windows, device=args.device,
               progress=not args.no_progress) if evaluate else {}
     if evaluate:
         dense_ppl = api.evaluate_perplexity(model, tok, **ev)
     t0 = time.perf_counter()
-    result = api.prune(model, config, tokenizer=tok, calib_windows=windows, progress=not args.no_progress)
+    result = api.prune(model, config, tokenizer=tok, calib_windows=windows, progress=not args.no_progress,
+                       holdout_windows=holdout)
     seconds = time.perf_counter() - t0
     if evaluate:
         pruned_ppl = api.evaluate_perplexity(result.model, tok, **ev)

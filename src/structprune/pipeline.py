@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import allocation as alloc
 from .arch import Adapter, LayerShape, get_adapter
 from .config import PruneConfig
 from .importance import column_scores, unit_scores
 from .plan import LayerPlan, PrunePlan
+from .planning import allocate, module_params
 from .reconstruct.lstsq import GramAccumulator, reconstruction_error, refit_consumer
 from .selection import select_heads, select_neurons
 from .streaming import (
@@ -91,7 +91,9 @@ def _is_tied(model: nn.Module, name: str) -> bool:
 
 
 class _Budget:
-    """Turns per-module kept fractions into parameter targets, carrying rounding over."""
+    """Turns per-module kept fractions into parameter targets. The rounding of a layer's
+    attention (coarse: whole heads) is carried into the same layer's MLP (fine: neurons), and
+    no further, so equal fractions give equal layer shapes (a vanilla checkpoint)."""
 
     def __init__(self, keep: dict[tuple[int, str], float], params: dict[tuple[int, str], int]) -> None:
         self.keep = keep
@@ -99,41 +101,11 @@ class _Budget:
         self.carry = 0.0
 
     def target(self, key: tuple[int, str]) -> float:
-        return self.keep[key] * self.params[key] + self.carry
+        carry = self.carry if key[1] == "mlp" else 0.0
+        return self.keep[key] * self.params[key] + carry
 
     def spent(self, key: tuple[int, str], target: float, actual: int) -> None:
-        self.carry = target - actual
-
-
-def plan_allocation(config: PruneConfig, adapter: Adapter, scores: dict[str, Any] | None = None) -> tuple[
-    dict[tuple[int, str], float], dict[str, Any]
-]:
-    """Kept fraction per (layer, kind) module for the configured allocation rule."""
-    shape = adapter.dense_shape()
-    keys: list[tuple[int, str]] = []
-    params: list[int] = []
-    total = adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
-    for i in range(adapter.num_layers):
-        if config.prune_attention:
-            keys.append((i, "attn"))
-            params.append(adapter.attn_params(shape))
-        if config.prune_mlp:
-            keys.append((i, "mlp"))
-            params.append(adapter.mlp_params(shape))
-    prunable = sum(params)
-    sparsity = config.sparsity * total / prunable
-    if sparsity > 1.0:
-        raise ValueError(
-            f"sparsity={config.sparsity} cannot be reached by pruning only "
-            f"{'attention' if config.prune_attention else 'MLP'} modules ({prunable / total:.0%} of decoder weights)")
-    if config.allocation == "uniform":
-        kept = alloc.uniform(params, sparsity)
-        info: dict[str, Any] = {"rule": "uniform", "prunable_sparsity": sparsity}
-    else:
-        raise NotImplementedError(f"allocation={config.allocation!r} is not available yet")
-    keep = {k: 1.0 for i in range(adapter.num_layers) for k in ((i, "attn"), (i, "mlp"))}
-    keep.update(dict(zip(keys, kept)))
-    return keep, info
+        self.carry = target - actual if key[1] == "attn" else 0.0
 
 
 class LayerPruner:
@@ -315,10 +287,14 @@ def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:
         pass
 
 
-def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, progress: bool = True) -> tuple[
-    nn.Module, PrunePlan
-]:
-    """Prune a copy of `model` (left untouched) on calibration `windows` [nsamples, seqlen]."""
+def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
+                holdout: torch.Tensor | None = None) -> tuple[nn.Module, PrunePlan]:
+    """Prune a copy of `model` (left untouched) on calibration `windows` [nsamples, seqlen].
+
+    holdout: calibration windows kept apart for the temperature search of the softmax rules
+    (never the evaluation text); when None and a search is needed, the last eighth of
+    `windows` (at least one) is set aside for it and not used for pruning.
+    """
     t0 = time.perf_counter()
     adapter = get_adapter(model.config)
     device = resolve_device(config.device)
@@ -328,13 +304,19 @@ def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, pr
     layers = adapter.decoder_layers(out)
     dense_params = decoder_linear_params(out, adapter)
     total_dense = total_params(out)
-    keep, alloc_info = plan_allocation(config, adapter)
-    shape = adapter.dense_shape()
-    budget = _Budget(keep, {(i, k): (adapter.attn_params(shape) if k == "attn" else adapter.mlp_params(shape))
-                            for (i, k) in keep})
+    needs_holdout = config.allocation.startswith("softmax") and config.temperature == "auto"
+    if needs_holdout and holdout is None:
+        if windows.shape[0] < 2:
+            raise ValueError("temperature='auto' needs at least 2 calibration windows (one is held back)")
+        n_hold = max(1, windows.shape[0] // 8)
+        windows, holdout = windows[:-n_hold], windows[-n_hold:]
 
     with calibration_mode(out):
         hidden, calls = capture_layer_inputs(out, layers, windows, config.batch_size)
+        t_alloc = time.perf_counter()
+        allocation = allocate(config, adapter, out, layers, hidden, calls, holdout, device, dtype, progress)
+        alloc_info = {**allocation.info, "seconds": time.perf_counter() - t_alloc}
+        budget = _Budget(allocation.keep, module_params(adapter))
         xd: list[torch.Tensor] | None = hidden if config.target == "dense" else None
         xp = hidden
         pruner = LayerPruner(config, adapter, device, dtype, gen)
@@ -345,6 +327,9 @@ def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, pr
             new_layer, lp, xd_next, xp = pruner.prune(i, layers[i], xd, xp, calls[i], budget)
             layers[i] = new_layer
             xd = xd_next if xd is not None else None
+            lp.rule = _rule_label(alloc_info)
+            imp = alloc_info.get("importance", {})
+            lp.importance = {k: imp[f"{i}.{k}"] for k in ("attn", "mlp") if f"{i}.{k}" in imp}
             plans.append(lp)
             log.info("layer %d: heads %d/%d kv %d/%d neurons %d/%d %s", i, len(lp.kept_heads),
                      lp.dense_shape["num_heads"], len(lp.kept_kv_heads), lp.dense_shape["num_kv_heads"],
@@ -364,6 +349,11 @@ def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, pr
     )
     _check_finite(out)
     return out.eval(), plan
+
+
+def _rule_label(info: dict[str, Any]) -> str:
+    t = info.get("temperature")
+    return info["rule"] if t is None else f"{info['rule']} (T={t:.4g}, {info.get('temperature_source')})"
 
 
 def _check_finite(model: nn.Module) -> None:

@@ -131,6 +131,10 @@ class Adapter:
     def down_proj(self, layer: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """LM logits from the hidden states leaving the last decoder layer (final norm + head)."""
+        raise NotImplementedError
+
     def mlp_activation(self) -> str:
         return str(getattr(self.config, "hidden_act", None) or getattr(self.config, "activation_function"))
 

@@ -57,6 +57,9 @@ class GPT2Adapter(Adapter):
     def mlp_activation(self) -> str:
         return str(self.config.activation_function)
 
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.lm_head(model.transformer.ln_f(hidden))
+
     def set_attention_shape(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         layer.attn.num_heads = num_heads
         layer.attn.split_size = num_heads * self.head_dim

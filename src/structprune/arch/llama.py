@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import Adapter, LayerShape, register
@@ -27,6 +28,11 @@ class LlamaAdapter(Adapter):
 
     def down_proj(self, layer: nn.Module) -> nn.Module:
         return layer.mlp.down_proj
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = model.lm_head(model.model.norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return out if not cap else torch.tanh(out / cap) * cap
 
     def set_attention_shape(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         # The forward reshapes with -1 heads; only the GQA repeat factor is read per layer.

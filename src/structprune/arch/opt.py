@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import Adapter, LayerShape, register
@@ -31,6 +32,14 @@ class OPTAdapter(Adapter):
 
     def down_proj(self, layer: nn.Module) -> nn.Module:
         return layer.fc2
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        dec = model.model.decoder
+        if getattr(dec, "final_layer_norm", None) is not None:
+            hidden = dec.final_layer_norm(hidden)
+        if getattr(dec, "project_out", None) is not None:
+            hidden = dec.project_out(hidden)
+        return model.lm_head(hidden)
 
     def set_attention_shape(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         layer.self_attn.num_heads = num_heads

@@ -1,0 +1,232 @@
+"""Allocation stage plumbing: decide every module's kept fraction before any layer is pruned.
+
+1. Importance pass: stream the DENSE model layer by layer over the calibration windows and
+   score every head and neuron (plus the closed-form relaxed masks when that rule is used).
+2. Rule: uniform / closed-form / softmax (Algorithm 1) / softmax-modular (Algorithm 2),
+   pure functions in `allocation.py`.
+3. Temperature search for the softmax rules: the proxy is the next-token loss, on HELD-BACK
+   calibration windows, of the dense model with the units the allocation would remove masked
+   out (consumer columns zeroed, which equals removing them); streamed one layer at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import allocation as alloc
+from .arch import Adapter
+from .config import PruneConfig
+from .importance import column_scores, unit_scores
+from .reconstruct.lstsq import GramAccumulator
+from .selection import select_heads, select_neurons
+from .streaming import capture_input, capture_layer_inputs, device_copy, run_layer, to_device
+from .surgery import get_bias, get_weight, head_columns
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, str]
+
+
+@dataclass
+class LayerScores:
+    """Dense-model scores of one layer: per query head and per neuron (Wanda-style), and the
+    closed-form relaxed masks s_j when computed."""
+
+    heads: torch.Tensor
+    neurons: torch.Tensor
+    heads_cf: torch.Tensor | None = None
+    neurons_cf: torch.Tensor | None = None
+
+
+@dataclass
+class Allocation:
+    """Kept fraction per (layer, kind) module and how it was chosen."""
+
+    keep: dict[Key, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def module_params(adapter: Adapter) -> dict[Key, int]:
+    shape = adapter.dense_shape()
+    return {(i, k): adapter.attn_params(shape) if k == "attn" else adapter.mlp_params(shape)
+            for i in range(adapter.num_layers) for k in ("attn", "mlp")}
+
+
+def prunable_keys(config: PruneConfig, adapter: Adapter) -> list[Key]:
+    kinds = [k for k, on in (("attn", config.prune_attention), ("mlp", config.prune_mlp)) if on]
+    return [(i, k) for i in range(adapter.num_layers) for k in kinds]
+
+
+def prunable_sparsity(config: PruneConfig, adapter: Adapter) -> float:
+    """The sparsity the prunable modules must reach so the whole decoder reaches config.sparsity."""
+    params = module_params(adapter)
+    total = sum(params.values())
+    prunable = sum(params[k] for k in prunable_keys(config, adapter))
+    s = config.sparsity * total / prunable
+    if s > 1.0:
+        raise ValueError(f"sparsity={config.sparsity} cannot be reached by pruning only "
+                         f"{'attention' if config.prune_attention else 'MLP'} modules "
+                         f"({prunable / total:.0%} of decoder weights)")
+    return s
+
+
+def importance_pass(model: nn.Module, layers: nn.ModuleList, adapter: Adapter, hidden: list[torch.Tensor],
+                    calls: list[tuple], config: PruneConfig, device: torch.device, dtype: torch.dtype,
+                    closed_form: bool, progress: bool = True) -> list[LayerScores]:
+    """Score every unit of every layer on the dense stream (one dense forward per layer)."""
+    gen = torch.Generator().manual_seed(config.seed)
+    out: list[LayerScores] = []
+    hd = adapter.head_dim
+    xs = hidden
+    for i in tqdm(range(len(layers)), desc="importance", disable=not progress, unit="layer"):
+        layer = device_copy(layers[i], device, dtype)
+        call = to_device(calls[i], device, dtype)
+        o, down = adapter.o_proj(layer), adapter.down_proj(layer)
+        acc_o = GramAccumulator(get_weight(o).shape[1], device)
+        acc_d = GramAccumulator(get_weight(down).shape[1], device)
+        nxt = []
+        for x in xs:
+            so: list[torch.Tensor] = []
+            sd: list[torch.Tensor] = []
+            with capture_input(o, so), capture_input(down, sd):
+                y = run_layer(layer, x.to(device, dtype), call)
+            acc_o.add_batch(so[0])
+            acc_d.add_batch(sd[0])
+            nxt.append(y.float().cpu())
+        xs = nxt
+        scores = LayerScores(
+            heads=unit_scores(column_scores(config.scorer, get_weight(o), acc_o, gen), hd),
+            neurons=column_scores(config.scorer, get_weight(down), acc_d, gen),
+        )
+        if closed_form:
+            scores.heads_cf = _cf(o, acc_o, [head_columns(torch.tensor([h]), hd) for h in range(scores.heads.numel())])
+            scores.neurons_cf = _cf(down, acc_d, [torch.tensor([j]) for j in range(scores.neurons.numel())])
+        out.append(scores)
+        del layer
+    return out
+
+
+def _cf(module: nn.Module, acc: GramAccumulator, cols: list[torch.Tensor]) -> torch.Tensor:
+    return alloc.closed_form_unit_scores(
+        get_weight(module).detach().double().cpu(), acc.gram.cpu(), acc.cross.cpu(), acc.gram_d.cpu(), acc.count,
+        cols, d=1.0, has_bias=get_bias(module) is not None).float()
+
+
+def keep_sets(adapter: Adapter, scores: LayerScores, keep_attn: float, keep_mlp: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The units a layer would keep at these fractions, by the dense scores (same rule as pruning)."""
+    shape = adapter.dense_shape()
+    q, kv = select_heads(scores.heads, shape.num_kv_heads, keep_attn * adapter.attn_params(shape),
+                         adapter.q_head_cost, adapter.kv_head_cost)
+    attn_actual = q.numel() * adapter.q_head_cost + kv.numel() * adapter.kv_head_cost
+    mlp_target = keep_mlp * adapter.mlp_params(shape) + keep_attn * adapter.attn_params(shape) - attn_actual
+    n = select_neurons(scores.neurons, mlp_target, adapter.neuron_cost)
+    return q, kv, n
+
+
+def masked_loss(model: nn.Module, layers: nn.ModuleList, adapter: Adapter, holdout: torch.Tensor,
+                hidden: list[torch.Tensor], calls: list[tuple], scores: list[LayerScores], keep: dict[Key, float],
+                device: torch.device, dtype: torch.dtype, batch_size: int) -> float:
+    """Mean next-token NLL on `holdout` of the dense model with the would-be-removed units masked.
+
+    Streamed: one decoder layer on the device at a time; then the model's final norm and head.
+    """
+    hd = adapter.head_dim
+    xs = hidden
+    for i in range(len(layers)):
+        q, _, n = keep_sets(adapter, scores[i], keep[(i, "attn")], keep[(i, "mlp")])
+        layer = device_copy(layers[i], device, dtype)
+        call = to_device(calls[i], device, dtype)
+        with torch.no_grad():
+            w_o = get_weight(adapter.o_proj(layer))
+            drop = torch.ones(w_o.shape[1], dtype=torch.bool)
+            drop[head_columns(q, hd)] = False
+            w_o[:, drop.to(w_o.device)] = 0
+            w_d = get_weight(adapter.down_proj(layer))
+            drop = torch.ones(w_d.shape[1], dtype=torch.bool)
+            drop[n] = False
+            w_d[:, drop.to(w_d.device)] = 0
+            xs = [run_layer(layer, x.to(device, dtype), call).float().cpu() for x in xs]
+        del layer
+    nll, count = 0.0, 0
+    for b, x in enumerate(xs):
+        ids = holdout[b * batch_size : (b + 1) * batch_size]
+        logits = adapter.logits(model, x.to(dtype)).float()[:, :-1]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="sum")
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    return nll / count
+
+
+def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn.ModuleList,
+             hidden: list[torch.Tensor], calls: list[tuple], holdout: torch.Tensor | None,
+             device: torch.device, dtype: torch.dtype, progress: bool = True) -> Allocation:
+    """Kept fraction per module for config.allocation (see module docstring)."""
+    params = module_params(adapter)
+    keys = prunable_keys(config, adapter)
+    sparsity = prunable_sparsity(config, adapter)
+    p = [params[k] for k in keys]
+    keep = {k: 1.0 for k in params}
+    info: dict[str, Any] = {"rule": config.allocation, "prunable_sparsity": sparsity}
+    if config.allocation == "uniform":
+        keep.update(zip(keys, alloc.uniform(p, sparsity)))
+        return Allocation(keep, info)
+
+    closed = config.allocation == "closed-form"
+    scores = importance_pass(model, layers, adapter, hidden, calls, config, device, dtype, closed, progress)
+    max_s = config.max_layer_sparsity
+    if closed:
+        unit = [scores[i].heads_cf if k == "attn" else scores[i].neurons_cf for i, k in keys]
+        kept = alloc.closed_form(unit, p, sparsity, max_sparsity=max_s)
+        info["mean_s"] = {f"{i}.{k}": float(u.clamp(0, 1).mean()) for (i, k), u in zip(keys, unit)}
+        keep.update(zip(keys, kept))
+        return Allocation(keep, info)
+
+    unit = [scores[i].heads if k == "attn" else scores[i].neurons for i, k in keys]
+    importance = alloc.normalise_importance(unit, p)
+    info["importance"] = {f"{i}.{k}": v for (i, k), v in zip(keys, importance)}
+    scale = alloc.score_scale(importance)
+
+    def rule(t: float) -> list[float]:
+        if config.allocation == "softmax":
+            return alloc.softmax_energy(importance, p, sparsity, t, max_sparsity=max_s)
+        return alloc.softmax_modular(importance, p, [k for _, k in keys], [i for i, _ in keys], sparsity, t,
+                                     rho=config.rho, gamma=config.gamma, max_sparsity=max_s)
+
+    if config.temperature != "auto":
+        t = float(config.temperature)
+        info.update({"temperature": t, "temperature_source": "given", "score_scale": scale})
+    else:
+        if holdout is None:
+            raise ValueError("temperature='auto' needs held-back calibration windows")
+        hold_hidden, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
+        bar = tqdm(desc="temperature search", disable=not progress, unit="T")
+
+        def proxy(t: float) -> float:
+            k = dict(keep)
+            k.update(zip(keys, rule(t)))
+            loss = masked_loss(model, layers, adapter, holdout, hold_hidden, calls, scores, k, device, dtype,
+                               config.batch_size)
+            bar.update(1)
+            log.debug("temperature %.4g (%.3g x scale): held-back calibration loss %.4f", t, t / scale, loss)
+            return loss
+
+        t, table = alloc.search_temperature(proxy, scale, mode="auto")
+        uniform_loss = proxy(math.inf)
+        bar.close()
+        if uniform_loss <= min(v for _, v in table):
+            log.info("uniform allocation beats every temperature on the held-back proxy; using T = inf")
+            t = math.inf
+        info.update({"temperature": t, "temperature_source": "auto", "score_scale": scale,
+                     "search": [[tt, v] for tt, v in table], "proxy_uniform": uniform_loss,
+                     "proxy": "held-back calibration NLL, units masked by dense scores"})
+    keep.update(zip(keys, rule(t)))
+    return Allocation(keep, info)
