@@ -53,3 +53,10 @@ def test_refuses_non_empty_output_and_overwrite_replaces(tmp_path):
     save_pruned(res.model, res.plan, target, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / PLAN_NAME).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+
+
+def test_allocation_plot_written_beside_model(tmp_path):
+    res = _pruned("llama")
+    out = save_pruned(res.model, res.plan, tmp_path / "m")
+    png = (out / "allocation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

@@ -58,9 +58,10 @@ def test_actual_sparsity_within_one_point_and_input_untouched(family, sparsity):
     assert shapes == res.plan.shapes()
 
 
-def test_reconstruction_lowers_every_block_error(family):
+@pytest.mark.parametrize("target", ["local", "dense"])
+def test_reconstruction_lowers_every_block_error(family, target):
     model = tiny_model(family)
-    res = sp.prune(model, _cfg(sparsity=0.4, nsamples=12), calib_windows=windows(12), progress=False)
+    res = sp.prune(model, _cfg(sparsity=0.4, nsamples=12, target=target), calib_windows=windows(12), progress=False)
     checked = 0
     for lp in res.plan.layers:
         for kind, r in lp.recon.items():

@@ -48,7 +48,7 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
     p.add_argument("--admm-beta", type=float, default=None, help="ADMM output-fit penalty")
     p.add_argument("--admm-gamma", type=float, default=None, help="ADMM activation-consistency penalty")
     p.add_argument("--target", choices=TARGETS, default=None,
-                   help="re-fit target: dense (dense-model outputs, default) or local")
+                   help="re-fit target: local (dense layer on the pruned inputs, default) or dense (dense-model outputs)")
     p.add_argument("--out", default=None, help="output folder for the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
 

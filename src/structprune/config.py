@@ -29,10 +29,14 @@ class PruneConfig:
     scorer: unit importance ("wanda": |W| column norm x input-activation norm).
     allocation: how the budget is spread over layers and modules.
     reconstruction: how kept weights are re-fitted ("lstsq": damped least squares).
-    target: "dense" fits each consumer projection to the dense model's outputs on the
-        dense stream (corrects errors from earlier layers); "local" fits it to the dense
-        layer applied to the pruned stream (classic layer-wise reconstruction).
+    target: "local" (default) fits each consumer projection to the dense layer applied to the
+        pruned stream (classic layer-wise reconstruction); "dense" fits it to the dense model's
+        outputs on the dense stream. Measured on SmolLM2-135M at 30% (16 x 512 calibration):
+        local 46.5, dense 103.8 perplexity, so local is the default.
     damp: relative ridge damping, times mean(diag(Gram)).
+    bias_compensation: where the family's config can express it (llama: attention_bias and
+        mlp_bias; qwen3, gemma3: attention_bias), add zero biases so the re-fit can compensate
+        the mean output of removed units. The checkpoint stays loadable by plain transformers.
     """
 
     sparsity: float = 0.3
@@ -44,8 +48,9 @@ class PruneConfig:
     scorer: str = "wanda"
     allocation: str = "uniform"
     reconstruction: str = "lstsq"
-    target: str = "dense"
+    target: str = "local"
     damp: float = 0.01
+    bias_compensation: bool = True
     prune_attention: bool = True
     prune_mlp: bool = True
     max_layer_sparsity: float = 0.9

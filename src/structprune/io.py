@@ -6,6 +6,7 @@ A folder written by `save_pruned` holds:
                              and for uniform shapes the standard fields are set so plain
                              `AutoModelForCausalLM.from_pretrained` loads it ("vanilla": true)
     structprune_plan.json    the plan (what each layer kept, scores, ratios, timings)
+    allocation.png           per-layer kept fraction of heads and FFN neurons
     tokenizer files          when a tokenizer was given
 Writes go to a temporary sibling folder that is renamed into place at the end.
 """
@@ -61,6 +62,12 @@ def save_pruned(model: torch.nn.Module, plan: PrunePlan, out_dir: str | Path, to
         plan.save(tmp / PLAN_NAME)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        try:
+            from .plots import ALLOCATION_PNG, allocation_png
+
+            (tmp / ALLOCATION_PNG).write_bytes(allocation_png(plan))
+        except Exception as e:  # a plotting problem must not lose the model
+            log.warning("allocation plot not written: %s", e)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         if out_dir.exists():

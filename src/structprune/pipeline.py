@@ -296,14 +296,18 @@ def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, pr
     `windows` (at least one) is set aside for it and not used for pruning.
     """
     t0 = time.perf_counter()
-    adapter = get_adapter(model.config)
+    get_adapter(model.config)  # unsupported families fail before any copy
     device = resolve_device(config.device)
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(config.seed)
     out = clean_copy(model)
+    total_dense = total_params(out)
+    if config.bias_compensation and config.reconstruction != "none":
+        for field_name, value in get_adapter(out.config).add_compensation_biases(out).items():
+            setattr(out.config, field_name, value)
+    adapter = get_adapter(out.config)
     layers = adapter.decoder_layers(out)
     dense_params = decoder_linear_params(out, adapter)
-    total_dense = total_params(out)
     needs_holdout = config.allocation.startswith("softmax") and config.temperature == "auto"
     if needs_holdout and holdout is None:
         if windows.shape[0] < 2:

@@ -142,6 +142,12 @@ class Adapter:
         """Update the per-layer attributes the attention forward reads."""
         raise NotImplementedError
 
+    def add_compensation_biases(self, model: nn.Module) -> dict[str, bool]:
+        """Give the consumer projections a (zero) bias where the family's config can express
+        one, so least squares can compensate the mean of removed units. Returns the config
+        fields to set; {} when the family has no such switch (or already has biases)."""
+        return {}
+
     # --- derived ----------------------------------------------------------------------------
     def linear_weights(self, layer: nn.Module) -> list[torch.Tensor]:
         """Every decoder-layer linear weight that counts towards sparsity."""
@@ -218,3 +224,10 @@ class Adapter:
             "layers": [s.to_dict() for s in shapes],
         }
         return cfg
+
+
+def add_zero_bias(module: nn.Module) -> None:
+    """Register a zero bias on a Linear that has none (outputs unchanged)."""
+    if getattr(module, "bias", None) is None:
+        w = module.weight
+        module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))

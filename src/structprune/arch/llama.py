@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, LayerShape, register
+from .base import Adapter, LayerShape, add_zero_bias, register
+
+# Config switches that give biases to whole module groups, per model type.
+_BIAS_SWITCHES = {"llama": ("attention_bias", "mlp_bias"), "qwen3": ("attention_bias",),
+                  "gemma3_text": ("attention_bias",)}
 
 
 @register
@@ -28,6 +32,17 @@ class LlamaAdapter(Adapter):
 
     def down_proj(self, layer: nn.Module) -> nn.Module:
         return layer.mlp.down_proj
+
+    def add_compensation_biases(self, model: nn.Module) -> dict[str, bool]:
+        switches = [f for f in _BIAS_SWITCHES.get(self.config.model_type, ()) if not getattr(self.config, f, False)]
+        for layer in self.decoder_layers(model):
+            if "attention_bias" in switches:
+                for m in (*self.q_k_v(layer), self.o_proj(layer)):
+                    add_zero_bias(m)
+            if "mlp_bias" in switches:
+                for m in (*self.mlp_producers(layer), self.down_proj(layer)):
+                    add_zero_bias(m)
+        return {f: True for f in switches}
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         out = model.lm_head(model.model.norm(hidden))
