@@ -50,7 +50,7 @@ class PruneConfig:
     reconstruction: str = "lstsq"
     target: str = "local"
     damp: float = 0.01
-    bias_compensation: bool = True
+    bias_compensation: bool = False
     prune_attention: bool = True
     prune_mlp: bool = True
     max_layer_sparsity: float = 0.9

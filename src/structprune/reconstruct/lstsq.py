@@ -10,7 +10,10 @@ augmented with a constant 1 so the bias is one more column: x~ = [x, 1], W~ = [W
     D  = sum x~_d x~_d^T    Gram of dense-stream inputs (only for the error)
 The target is the dense projection's output W~ x~_d. Keeping columns K (plus the bias
 column when the module has a bias), the new weight is
-    W~' = W~ C[:, K] (G[K, K] + lambda I)^-1,   lambda = damp * mean(diag(G[K, K])).
+    W~' = (W~ C[:, K] + lambda W~[:, K]) (G[K, K] + lambda I)^-1,  lambda = damp * mean(diag(G[K, K])),
+i.e. ridge damping towards the sliced weights W~[:, K] (not towards zero): LLM activations
+have a few huge-variance columns, so a damping scaled by the mean diagonal is large for the
+others, and shrinking those weights to zero can make the re-fit worse than no re-fit.
 Dead columns (zero diagonal) get a unit diagonal and a zero weight.
 """
 
@@ -75,14 +78,18 @@ class GramAccumulator:
         return (torch.diagonal(self.gram)[: self.n] / max(self.count, 1) - mean * mean).clamp_min(0)
 
 
-def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float) -> torch.Tensor:
-    """Solve X (A + lambda I) = RHS for X, with A symmetric PSD [n, n] and RHS [m, n].
+def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float,
+                          prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Solve X (A + lambda I) = RHS + lambda * PRIOR for X, with A symmetric PSD [n, n], RHS and
+    PRIOR [m, n] (PRIOR defaults to 0: plain ridge). With a prior the damping pulls the solution
+    towards it instead of towards zero, so heavy damping degrades gracefully to the prior.
 
     lambda = damp * mean(diag(A)); a failed factorisation grows the damping tenfold (at most
     four times) and logs it. Dead columns of A (zero diagonal) get zero weight. Float64.
     """
     a = a.to(torch.float64)
     rhs = rhs.to(torch.float64)
+    prior = None if prior is None else prior.to(torch.float64)
     n = a.shape[0]
     dead = torch.diagonal(a) <= 0
     if dead.any():
@@ -92,13 +99,17 @@ def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float) -> to
         a[dead, dead] = 1.0
         rhs = rhs.clone()
         rhs[:, dead] = 0
+        if prior is not None:
+            prior = prior.clone()
+            prior[:, dead] = 0
     scale = torch.diagonal(a).mean().clamp_min(1e-12)
     lam = damp * scale
     eye = torch.eye(n, dtype=a.dtype, device=a.device)
     for attempt in range(5):
         chol, info = torch.linalg.cholesky_ex(a + lam * eye)
         if int(info) == 0:
-            sol = torch.cholesky_solve(rhs.T, chol).T
+            b = rhs if prior is None else rhs + lam * prior
+            sol = torch.cholesky_solve(b.T, chol).T
             if torch.isfinite(sol).all():
                 if attempt:
                     log.warning("least squares needed %dx the requested damping to factorise", 10**attempt)
@@ -137,7 +148,7 @@ def refit_consumer(
     cols = _columns(keep, n, bias is not None)
     w_aug = _augmented(weight, bias)
     rhs = w_aug @ stats.cross.cpu()[:, cols]
-    sol = damped_cholesky_solve(stats.gram.cpu()[cols][:, cols], rhs, damp)
+    sol = damped_cholesky_solve(stats.gram.cpu()[cols][:, cols], rhs, damp, prior=w_aug[:, cols])
     if not torch.isfinite(sol).all():
         log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
         sol = w_aug[:, cols]
