@@ -128,7 +128,7 @@ class LayerPruner:
         shared_prefix: the pruned layer is still identical to the dense one up to `consumer`, so
         when both streams hold the same tensor the dense run can be skipped."""
         n = get_weight(consumer(pruned)).shape[1]
-        acc = GramAccumulator(n, device=self.device)
+        acc = GramAccumulator(n, device=self.device, full=self.config.reconstruction != "none")
         dense_out: list[torch.Tensor] | None = [] if want_dense_out else None
         block_in: list[torch.Tensor] = []
         block_out: list[torch.Tensor] = []
@@ -165,12 +165,10 @@ class LayerPruner:
         w, b = get_weight(dense_module).detach(), get_bias(dense_module)
         b = None if b is None else b.detach()
         sliced_w = w[:, keep_cols.to(w.device)]
+        if self.config.reconstruction == "none":  # slicing already done; no statistics for errors
+            return {}
         err_none = reconstruction_error(w, b, stats, keep_cols, sliced_w, b)
         info = {"error_none": err_none}
-        if self.config.reconstruction == "none":
-            set_weight(module, sliced_w)
-            info["error"] = err_none
-            return info
         new_w, new_b = refit_consumer(w, b, stats, keep_cols, self.config.damp)
         err = reconstruction_error(w, b, stats, keep_cols, new_w, new_b)
         if err > err_none:

@@ -89,8 +89,8 @@ def importance_pass(model: nn.Module, layers: nn.ModuleList, adapter: Adapter, h
         layer = device_copy(layers[i], device, dtype)
         call = to_device(calls[i], device, dtype)
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
-        acc_o = GramAccumulator(get_weight(o).shape[1], device)
-        acc_d = GramAccumulator(get_weight(down).shape[1], device)
+        acc_o = GramAccumulator(get_weight(o).shape[1], device, full=closed_form)
+        acc_d = GramAccumulator(get_weight(down).shape[1], device, full=closed_form)
         nxt = []
         for x in xs:
             so: list[torch.Tensor] = []

@@ -30,32 +30,41 @@ class GramAccumulator:
     """Running sums of x~_p x~_p^T, x~_d x~_p^T and x~_d x~_d^T, kept in float64.
 
     `add_batch(x_p, x_d)` takes [..., n] tensors (any float dtype, same token order);
-    x_d defaults to x_p (a single stream).
+    x_d defaults to x_p (a single stream). With full=False only the per-column sums and
+    sums of squares of x_p are kept (enough for scores; no re-fit), at a fraction of the cost.
     """
 
-    def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, n: int, device: torch.device | str = "cpu", full: bool = True) -> None:
         self.n = n
         self.count = 0
+        self.full = full
+        self.col_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sq_sum = torch.zeros(n, dtype=torch.float64, device=device)
         m = n + 1
-        self.gram = torch.zeros(m, m, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(m, m, dtype=torch.float64, device=device)
-        self.gram_d = torch.zeros(m, m, dtype=torch.float64, device=device)
+        shape = (m, m) if full else (0, 0)
+        self.gram = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.gram_d = torch.zeros(shape, dtype=torch.float64, device=device)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, self.n).to(self.gram.device, torch.float32)
         return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
 
     def add_batch(self, x_p: torch.Tensor, x_d: torch.Tensor | None = None) -> None:
         """Products are formed in float32 per batch (BLAS speed) and summed in float64."""
-        xp = self._augment(x_p)
-        self.count += xp.shape[0]
+        x = x_p.reshape(-1, self.n).to(self.col_sum.device, torch.float32)
+        self.count += x.shape[0]
+        self.col_sum += x.sum(0).double()
+        self.sq_sum += (x * x).sum(0).double()
+        if not self.full:
+            return
+        xp = self._augment(x)
         g = (xp.T @ xp).double()
         self.gram += g
         if x_d is None:
             self.gram_d += g
             self.cross += g
             return
-        xd = self._augment(x_d)
+        xd = self._augment(x_d.reshape(-1, self.n).to(self.col_sum.device, torch.float32))
         if xd.shape != xp.shape:
             raise ValueError(f"dense and pruned inputs differ in shape: {tuple(xd.shape)} vs {tuple(xp.shape)}")
         self.gram_d += (xd.T @ xd).double()
@@ -64,18 +73,18 @@ class GramAccumulator:
     @property
     def input_norm(self) -> torch.Tensor:
         """Per-column L2 norm of the pruned-stream input over all tokens, [n] float32."""
-        return torch.diagonal(self.gram)[: self.n].clamp_min(0).sqrt().float()
+        return self.sq_sum.clamp_min(0).sqrt().float()
 
     @property
     def input_mean(self) -> torch.Tensor:
         """Per-column mean of the pruned-stream input, [n] float64."""
-        return self.gram[: self.n, self.n] / max(self.count, 1)
+        return self.col_sum / max(self.count, 1)
 
     @property
     def input_var(self) -> torch.Tensor:
         """Per-column variance of the pruned-stream input, [n] float64."""
         mean = self.input_mean
-        return (torch.diagonal(self.gram)[: self.n] / max(self.count, 1) - mean * mean).clamp_min(0)
+        return (self.sq_sum / max(self.count, 1) - mean * mean).clamp_min(0)
 
 
 def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float,
