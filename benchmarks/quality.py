@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import structprune as sp
-from structprune.api import calibration_data
+from structprune.api import calibration_data, needs_holdout
 from structprune.data import eval_windows, load_text, tokenize
 from structprune.loading import load_model
 from structprune.methods import method_config
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="extra PruneConfig fields for every structprune-family cell, e.g. target=local")
     p.add_argument("--tag", default="", help="suffix for the method name in the table")
+    p.add_argument("--masks-from", default=None, metavar="METHODTAG",
+                   help="replay the kept units of cell METHODTAG@sparsity (compare re-fits on equal masks)")
     p.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {"cells": {}}
+    plans = out.parent / "plans"
+    plans.mkdir(exist_ok=True)
     model, tok = load_model(args.model)
     calib = calibration_data(tok, sp.PruneConfig(nsamples=args.nsamples, seqlen=args.seqlen))
     ev = eval_windows(tokenize(tok, load_text("wiki", "eval")), args.seqlen, args.windows)
@@ -76,15 +80,25 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             overrides = {k: type(getattr(sp.PruneConfig(), k))(v) for k, v in extra.items()}
             cfg = method_config(method, sparsity=s, nsamples=args.nsamples, seqlen=args.seqlen, **overrides)
+            masks = None
+            if args.masks_from:
+                masks = sp.PrunePlan.load(plans / f"{args.masks_from}@{s}.json")
+            holdout = None
+            if needs_holdout(cfg):
+                _, holdout = calibration_data(tok, cfg, holdout=True)
             t0 = time.perf_counter()
-            res = sp.prune(model, cfg, calib_windows=calib, progress=False)
+            res = sp.prune(model, cfg, calib_windows=calib, progress=False, holdout_windows=holdout, masks=masks)
             seconds = time.perf_counter() - t0
             ppl = sp.perplexity(res.model, ev, progress=False)
             results["cells"][key] = {
                 "method": method + args.tag, "requested": s, "actual": res.plan.actual_sparsity,
                 "perplexity": ppl, "params": res.plan.params_pruned, "prune_seconds": seconds,
                 "time_ratio": seconds / ref, "config": cfg.to_dict(),
+                "allocation": {k: v for k, v in res.plan.allocation.items() if k != "importance"},
+                "kept": {"heads": [len(lp.kept_heads) for lp in res.plan.layers],
+                         "neurons": [len(lp.kept_neurons) for lp in res.plan.layers]},
             }
+            res.plan.save(plans / f"{key}.json")
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=1))
             os.replace(tmp, out)

@@ -91,3 +91,14 @@ def test_gqa_rule_every_group_keeps_same_query_count():
         counts = {g: groups.count(g) for g in set(groups)}
         assert set(counts) == set(lp.kept_kv_heads)
         assert len(set(counts.values())) == 1
+
+
+def test_replayed_masks_give_same_units_for_every_reconstruction():
+    model = tiny_model("opt")
+    ids = windows(12, 24)
+    first = sp.prune(model, _cfg(sparsity=0.4, nsamples=12), calib_windows=ids, progress=False)
+    for rec in ("none", "admm"):
+        again = sp.prune(model, _cfg(sparsity=0.4, nsamples=12, reconstruction=rec), calib_windows=ids,
+                         progress=False, masks=first.plan)
+        assert [lp.kept_neurons for lp in again.plan.layers] == [lp.kept_neurons for lp in first.plan.layers]
+        assert [lp.kept_heads for lp in again.plan.layers] == [lp.kept_heads for lp in first.plan.layers]

@@ -38,13 +38,14 @@ def needs_holdout(config: PruneConfig) -> bool:
 
 def prune(model_or_path: nn.Module | str, config: PruneConfig | None = None, tokenizer: Any = None,
           calib_windows: torch.Tensor | None = None, progress: bool = True,
-          holdout_windows: torch.Tensor | None = None) -> PruneResult:
+          holdout_windows: torch.Tensor | None = None, masks: Any = None) -> PruneResult:
     """Prune a model (object or MODEL string) to `config.sparsity` ACTUAL decoder sparsity.
 
     The input model is never modified. Calibration windows come from `calib_windows`
     [nsamples, seqlen] when given, else from `config.calib` with `tokenizer`.
     Returns the pruned model (host), its plan and the tokenizer. `holdout_windows`: calibration
     windows kept apart for the temperature search (drawn automatically from config.calib).
+    `masks`: a PrunePlan whose kept units are replayed (compare re-fits on equal masks).
     """
     config = config or PruneConfig()
     resolve_device(config.device)  # fail fast on a missing device
@@ -60,7 +61,8 @@ def prune(model_or_path: nn.Module | str, config: PruneConfig | None = None, tok
             calib_windows, holdout_windows = calibration_data(tokenizer, config, holdout=True)
         else:
             calib_windows = calibration_data(tokenizer, config)
-    pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows)
+    pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows,
+                               masks=masks)
     return PruneResult(model=pruned, plan=plan, tokenizer=tokenizer)
 
 

@@ -202,7 +202,7 @@ class LayerPruner:
                 "admm_best_iter": res.best_iter, "admm_rejected": res.rejected}
 
     def prune(self, index: int, host_layer: nn.Module, xd: list[torch.Tensor] | None, xp: list[torch.Tensor],
-              call: tuple, budget: _Budget) -> tuple[nn.Module, LayerPlan, list[torch.Tensor] | None, list[torch.Tensor]]:
+              call: tuple, budget: _Budget, fixed: LayerPlan | None = None) -> tuple[nn.Module, LayerPlan, list[torch.Tensor] | None, list[torch.Tensor]]:
         """Returns (pruned layer on the host, its plan, next dense stream, next pruned stream)."""
         ad, cfg = self.adapter, self.config
         call = to_device(call, self.device, self.dtype)
@@ -217,7 +217,11 @@ class LayerPruner:
         stats, _, _ = self._stats(dense, pruned, ad.o_proj, xd, xp, call, want_dense_out=False, shared_prefix=True)
         head_scores = unit_scores(column_scores(cfg.scorer, get_weight(ad.o_proj(pruned)), stats, self.gen), hd)
         target = budget.target(key)
-        keep_q, keep_kv = select_heads(head_scores, shape.num_kv_heads, target, ad.q_head_cost, ad.kv_head_cost)
+        if fixed is not None:  # replay a plan's masks (e.g. to compare re-fits on the same units)
+            keep_q, keep_kv = torch.tensor(fixed.kept_heads), torch.tensor(fixed.kept_kv_heads)
+        else:
+            keep_q, keep_kv = select_heads(head_scores, shape.num_kv_heads, target, ad.q_head_cost,
+                                           ad.kv_head_cost)
         actual = keep_q.numel() * ad.q_head_cost + keep_kv.numel() * ad.kv_head_cost
         budget.spent(key, target, actual)
         if keep_q.numel() < shape.num_heads:
@@ -233,7 +237,8 @@ class LayerPruner:
             block_io=admm)
         neuron_scores = column_scores(cfg.scorer, get_weight(ad.down_proj(pruned)), stats, self.gen)
         target = budget.target(key)
-        keep_n = select_neurons(neuron_scores, target, ad.neuron_cost)
+        keep_n = (torch.tensor(fixed.kept_neurons) if fixed is not None
+                  else select_neurons(neuron_scores, target, ad.neuron_cost))
         budget.spent(key, target, keep_n.numel() * ad.neuron_cost)
         if keep_n.numel() < shape.intermediate_size:
             ad.slice_neurons(pruned, keep_n)
@@ -286,12 +291,14 @@ def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:
 
 
 def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
-                holdout: torch.Tensor | None = None) -> tuple[nn.Module, PrunePlan]:
+                holdout: torch.Tensor | None = None, masks: PrunePlan | None = None) -> tuple[nn.Module, PrunePlan]:
     """Prune a copy of `model` (left untouched) on calibration `windows` [nsamples, seqlen].
 
     holdout: calibration windows kept apart for the temperature search of the softmax rules
     (never the evaluation text); when None and a search is needed, the last eighth of
     `windows` (at least one) is set aside for it and not used for pruning.
+    masks: a plan whose kept units are replayed instead of selected (allocation is skipped);
+    the statistics and re-fit still run, so re-fit methods can be compared on equal masks.
     """
     t0 = time.perf_counter()
     get_adapter(model.config)  # unsupported families fail before any copy
@@ -316,7 +323,14 @@ def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, pr
     with calibration_mode(out):
         hidden, calls = capture_layer_inputs(out, layers, windows, config.batch_size)
         t_alloc = time.perf_counter()
-        allocation = allocate(config, adapter, out, layers, hidden, calls, holdout, device, dtype, progress)
+        if masks is not None:
+            if len(masks.layers) != len(layers):
+                raise ValueError(f"masks plan has {len(masks.layers)} layers, the model {len(layers)}")
+            allocation = allocate(config.replace(allocation="uniform"), adapter, out, layers, hidden, calls, None,
+                                  device, dtype, progress)
+            allocation.info = {"rule": "replayed", "from": masks.allocation.get("rule")}
+        else:
+            allocation = allocate(config, adapter, out, layers, hidden, calls, holdout, device, dtype, progress)
         alloc_info = {**allocation.info, "seconds": time.perf_counter() - t_alloc}
         budget = _Budget(allocation.keep, module_params(adapter))
         xd: list[torch.Tensor] | None = hidden if config.target == "dense" else None
@@ -326,7 +340,8 @@ def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, pr
         bar = tqdm(range(len(layers)), desc="pruning", disable=not progress, unit="layer")
         for i in bar:
             bar.set_description(f"pruning layer {i}")
-            new_layer, lp, xd_next, xp = pruner.prune(i, layers[i], xd, xp, calls[i], budget)
+            fixed = masks.layers[i] if masks is not None else None
+            new_layer, lp, xd_next, xp = pruner.prune(i, layers[i], xd, xp, calls[i], budget, fixed)
             layers[i] = new_layer
             xd = xd_next if xd is not None else None
             lp.rule = _rule_label(alloc_info)
