@@ -11,8 +11,9 @@ from torch import nn
 from .config import PruneConfig
 from .data import calibration_windows, eval_windows, load_text, tokenize
 from .evaluate import perplexity
-from .loading import load_model
+from .loading import open_for_pruning
 from .pipeline import PruneResult, prune_model
+from .source import LayerSource
 from .streaming import resolve_device
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,13 @@ def needs_holdout(config: PruneConfig) -> bool:
     return config.allocation.startswith("softmax") and config.temperature == "auto"
 
 
-def prune(model_or_path: nn.Module | str, config: PruneConfig | None = None, tokenizer: Any = None,
+def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | None = None, tokenizer: Any = None,
           calib_windows: torch.Tensor | None = None, progress: bool = True,
           holdout_windows: torch.Tensor | None = None, masks: Any = None) -> PruneResult:
-    """Prune a model (object or MODEL string) to `config.sparsity` ACTUAL decoder sparsity.
+    """Prune a model (object, LayerSource or MODEL string) to `config.sparsity` ACTUAL decoder sparsity.
 
-    The input model is never modified. Calibration windows come from `calib_windows`
+    The input model is never modified. A local safetensors folder is read one decoder layer
+    at a time (the whole model is never in host memory); the pruned model is returned. Calibration windows come from `calib_windows`
     [nsamples, seqlen] when given, else from `config.calib` with `tokenizer`.
     Returns the pruned model (host), its plan and the tokenizer. `holdout_windows`: calibration
     windows kept apart for the temperature search (drawn automatically from config.calib).
@@ -50,13 +52,14 @@ def prune(model_or_path: nn.Module | str, config: PruneConfig | None = None, tok
     config = config or PruneConfig()
     resolve_device(config.device)  # fail fast on a missing device
     if isinstance(model_or_path, str):
-        model, loaded_tok = load_model(model_or_path, config.dtype)
+        model, loaded_tok = open_for_pruning(model_or_path, config.dtype)
         tokenizer = tokenizer or loaded_tok
     else:
         model = model_or_path
     if calib_windows is None:
         if tokenizer is None:
-            raise ValueError("pass a tokenizer or calib_windows: calibration text must be tokenized")
+            raise ValueError("no tokenizer: the model folder has none, so pass tokenizer= or calib_windows= "
+                             "(calibration text must be tokenized)")
         if needs_holdout(config) and holdout_windows is None:
             calib_windows, holdout_windows = calibration_data(tokenizer, config, holdout=True)
         else:

@@ -70,14 +70,18 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
+    import torch
+
     from . import api, io
-    from .loading import load_model
+    from .loading import load_model, open_for_pruning
 
     config = _config(args)
     if args.out is None:
         raise ValueError("--out is required: the folder to write the pruned model to")
     io.check_output_dir(args.out, args.overwrite)
-    model, tok = load_model(args.model, config.dtype)
+    model, tok = open_for_pruning(args.model, config.dtype)
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer files; save the model's tokenizer into that folder")
     holdout = None
     if api.needs_holdout(config):
         windows, holdout = api.calibration_data(tok, config, holdout=True)
@@ -87,7 +91,9 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
     ev = dict(data=args.data, seqlen=args.eval_seqlen, windows=args.windows, device=args.device,
               progress=not args.no_progress) if evaluate else {}
     if evaluate:
-        dense_ppl = api.evaluate_perplexity(model, tok, **ev)
+        dense = model if isinstance(model, torch.nn.Module) else load_model(args.model, config.dtype)[0]
+        dense_ppl = api.evaluate_perplexity(dense, tok, **ev)
+        del dense
     t0 = time.perf_counter()
     result = api.prune(model, config, tokenizer=tok, calib_windows=windows, progress=not args.no_progress,
                        holdout_windows=holdout)

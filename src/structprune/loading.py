@@ -106,3 +106,27 @@ def _load_gguf(path: Path, kw: dict[str, Any]) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return _strip_gguf(model).eval(), tok
+
+
+def open_for_pruning(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """(weights, tokenizer) for pruning: a `SafetensorsSource` that reads one layer at a time when
+    MODEL is a local Hugging Face folder with safetensors weights, else the loaded model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .arch import get_adapter
+    from .io import is_pruned_folder
+    from .source import SafetensorsSource
+
+    path = Path(os.path.expanduser(spec))
+    has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    if path.is_dir() and (path / "config.json").is_file() and has_weights and not is_pruned_folder(path):
+        get_adapter(AutoConfig.from_pretrained(path))
+        torch_dtype = resolve_dtype(dtype) or torch.float32
+        log.info("streaming %s from its safetensors files, one decoder layer at a time", path)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:  # weights without a tokenizer: calibration ids must be given
+            log.warning("no usable tokenizer in %s (%s)", path, str(e).splitlines()[0])
+            tok = None
+        return SafetensorsSource(path, torch_dtype), tok
+    return load_model(spec, dtype)

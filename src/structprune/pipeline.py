@@ -8,6 +8,7 @@ host: the dense model's hidden states (targets) and the pruned model's (inputs).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from .plan import LayerPlan, PrunePlan
 from .planning import allocate, module_params
 from .reconstruct.lstsq import GramAccumulator, reconstruction_error, refit_consumer
 from .selection import select_heads, select_neurons
+from .source import LayerSource, ModelSource, skeleton
 from .streaming import (
     _StopForward,
     calibration_mode,
@@ -290,30 +292,44 @@ def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:
         pass
 
 
-def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
+def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
                 holdout: torch.Tensor | None = None, masks: PrunePlan | None = None) -> tuple[nn.Module, PrunePlan]:
-    """Prune a copy of `model` (left untouched) on calibration `windows` [nsamples, seqlen].
+    """Prune `model` (an in-memory model, left untouched, or a LayerSource such as a
+    safetensors folder read one layer at a time) on calibration `windows` [nsamples, seqlen].
 
     holdout: calibration windows kept apart for the temperature search of the softmax rules
     (never the evaluation text); when None and a search is needed, the last eighth of
     `windows` (at least one) is set aside for it and not used for pruning.
     masks: a plan whose kept units are replayed instead of selected (allocation is skipped);
     the statistics and re-fit still run, so re-fit methods can be compared on equal masks.
+    Host memory: the output model (real non-layer parts, pruned layers) plus one dense layer.
     """
     t0 = time.perf_counter()
-    get_adapter(model.config)  # unsupported families fail before any copy
+    source = model if isinstance(model, LayerSource) else ModelSource(model)
+    get_adapter(source.config)  # unsupported families fail before any work
     device = resolve_device(config.device)
-    dtype = next(model.parameters()).dtype
+    dtype = source.dtype
     gen = torch.Generator().manual_seed(config.seed)
-    out = clean_copy(model)
-    total_dense = total_params(out)
+    out = skeleton(source)
+    total_dense = source.total_params()
+    bias_fields: dict[str, bool] = {}
     if config.bias_compensation and config.reconstruction != "none":
-        for field_name, value in get_adapter(out.config).add_compensation_biases(out).items():
-            setattr(out.config, field_name, value)
+        bias_fields = get_adapter(out.config).compensation_fields()
+        for name, value in bias_fields.items():
+            setattr(out.config, name, value)
     adapter = get_adapter(out.config)
     layers = adapter.decoder_layers(out)
-    dense_params = decoder_linear_params(out, adapter)
-    needs_holdout = config.allocation.startswith("softmax") and config.temperature == "auto"
+    shape = adapter.dense_shape()
+    dense_params = adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
+
+    def dense_layer(i: int) -> nn.Module:
+        layer = source.layer(i)
+        if bias_fields:  # zero biases change nothing; added on a copy, the source stays as it is
+            layer = copy.deepcopy(layer)
+            adapter.add_zero_biases(layer, bias_fields)
+        return layer
+
+    needs_holdout = config.allocation.startswith("softmax") and config.temperature == "auto" and masks is None
     if needs_holdout and holdout is None:
         if windows.shape[0] < 2:
             raise ValueError("temperature='auto' needs at least 2 calibration windows (one is held back)")
@@ -326,11 +342,12 @@ def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, pr
         if masks is not None:
             if len(masks.layers) != len(layers):
                 raise ValueError(f"masks plan has {len(masks.layers)} layers, the model {len(layers)}")
-            allocation = allocate(config.replace(allocation="uniform"), adapter, out, layers, hidden, calls, None,
-                                  device, dtype, progress)
+            allocation = allocate(config.replace(allocation="uniform"), adapter, out, layers, dense_layer, hidden,
+                                  calls, None, device, dtype, progress)
             allocation.info = {"rule": "replayed", "from": masks.allocation.get("rule")}
         else:
-            allocation = allocate(config, adapter, out, layers, hidden, calls, holdout, device, dtype, progress)
+            allocation = allocate(config, adapter, out, layers, dense_layer, hidden, calls, holdout, device, dtype,
+                                  progress)
         alloc_info = {**allocation.info, "seconds": time.perf_counter() - t_alloc}
         budget = _Budget(allocation.keep, module_params(adapter))
         xd: list[torch.Tensor] | None = hidden if config.target == "dense" else None
@@ -341,7 +358,7 @@ def prune_model(model: nn.Module, windows: torch.Tensor, config: PruneConfig, pr
         for i in bar:
             bar.set_description(f"pruning layer {i}")
             fixed = masks.layers[i] if masks is not None else None
-            new_layer, lp, xd_next, xp = pruner.prune(i, layers[i], xd, xp, calls[i], budget, fixed)
+            new_layer, lp, xd_next, xp = pruner.prune(i, dense_layer(i), xd, xp, calls[i], budget, fixed)
             layers[i] = new_layer
             xd = xd_next if xd is not None else None
             lp.rule = _rule_label(alloc_info)

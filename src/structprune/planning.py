@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from .surgery import get_bias, get_weight, head_columns
 log = logging.getLogger(__name__)
 
 Key = tuple[int, str]
+DenseLayer = Callable[[int], nn.Module]  # dense decoder layer i on the host (read-only)
 
 
 @dataclass
@@ -77,7 +79,8 @@ def prunable_sparsity(config: PruneConfig, adapter: Adapter) -> float:
     return s
 
 
-def importance_pass(model: nn.Module, layers: nn.ModuleList, adapter: Adapter, hidden: list[torch.Tensor],
+def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer, adapter: Adapter,
+                    hidden: list[torch.Tensor],
                     calls: list[tuple], config: PruneConfig, device: torch.device, dtype: torch.dtype,
                     closed_form: bool, progress: bool = True) -> list[LayerScores]:
     """Score every unit of every layer on the dense stream (one dense forward per layer)."""
@@ -86,7 +89,7 @@ def importance_pass(model: nn.Module, layers: nn.ModuleList, adapter: Adapter, h
     hd = adapter.head_dim
     xs = hidden
     for i in tqdm(range(len(layers)), desc="importance", disable=not progress, unit="layer"):
-        layer = device_copy(layers[i], device, dtype)
+        layer = device_copy(dense_layer(i), device, dtype)
         call = to_device(calls[i], device, dtype)
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         acc_o = GramAccumulator(get_weight(o).shape[1], device, full=closed_form)
@@ -131,7 +134,8 @@ def keep_sets(adapter: Adapter, scores: LayerScores, keep_attn: float, keep_mlp:
     return q, kv, n
 
 
-def masked_loss(model: nn.Module, layers: nn.ModuleList, adapter: Adapter, holdout: torch.Tensor,
+def masked_loss(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer, adapter: Adapter,
+                holdout: torch.Tensor,
                 hidden: list[torch.Tensor], calls: list[tuple], scores: list[LayerScores], keep: dict[Key, float],
                 device: torch.device, dtype: torch.dtype, batch_size: int) -> float:
     """Mean next-token NLL on `holdout` of the dense model with the would-be-removed units masked.
@@ -142,7 +146,7 @@ def masked_loss(model: nn.Module, layers: nn.ModuleList, adapter: Adapter, holdo
     xs = hidden
     for i in range(len(layers)):
         q, _, n = keep_sets(adapter, scores[i], keep[(i, "attn")], keep[(i, "mlp")])
-        layer = device_copy(layers[i], device, dtype)
+        layer = device_copy(dense_layer(i), device, dtype)
         call = to_device(calls[i], device, dtype)
         with torch.no_grad():
             w_o = get_weight(adapter.o_proj(layer))
@@ -167,7 +171,7 @@ def masked_loss(model: nn.Module, layers: nn.ModuleList, adapter: Adapter, holdo
 
 
 def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn.ModuleList,
-             hidden: list[torch.Tensor], calls: list[tuple], holdout: torch.Tensor | None,
+             dense_layer: DenseLayer, hidden: list[torch.Tensor], calls: list[tuple], holdout: torch.Tensor | None,
              device: torch.device, dtype: torch.dtype, progress: bool = True) -> Allocation:
     """Kept fraction per module for config.allocation (see module docstring)."""
     params = module_params(adapter)
@@ -181,7 +185,8 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         return Allocation(keep, info)
 
     closed = config.allocation == "closed-form"
-    scores = importance_pass(model, layers, adapter, hidden, calls, config, device, dtype, closed, progress)
+    scores = importance_pass(model, layers, dense_layer, adapter, hidden, calls, config, device, dtype, closed,
+                             progress)
     max_s = config.max_layer_sparsity
     if closed:
         unit = [scores[i].heads_cf if k == "attn" else scores[i].neurons_cf for i, k in keys]
@@ -213,8 +218,8 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         def proxy(t: float) -> float:
             k = dict(keep)
             k.update(zip(keys, rule(t)))
-            loss = masked_loss(model, layers, adapter, holdout, hold_hidden, calls, scores, k, device, dtype,
-                               config.batch_size)
+            loss = masked_loss(model, layers, dense_layer, adapter, holdout, hold_hidden, calls, scores, k, device,
+                               dtype, config.batch_size)
             bar.update(1)
             log.debug("temperature %.4g (%.3g x scale): held-back calibration loss %.4f", t, t / scale, loss)
             return loss

@@ -142,11 +142,13 @@ class Adapter:
         """Update the per-layer attributes the attention forward reads."""
         raise NotImplementedError
 
-    def add_compensation_biases(self, model: nn.Module) -> dict[str, bool]:
-        """Give the consumer projections a (zero) bias where the family's config can express
-        one, so least squares can compensate the mean of removed units. Returns the config
-        fields to set; {} when the family has no such switch (or already has biases)."""
+    def compensation_fields(self) -> dict[str, bool]:
+        """Config switches that give the consumer projections a bias, so least squares can
+        compensate the mean of removed units; {} when the family has none (or has biases)."""
         return {}
+
+    def add_zero_biases(self, layer: nn.Module, fields: dict[str, bool]) -> None:
+        """Zero biases on every module the switches in `fields` govern (outputs unchanged)."""
 
     # --- derived ----------------------------------------------------------------------------
     def linear_weights(self, layer: nn.Module) -> list[torch.Tensor]:

@@ -33,16 +33,17 @@ class LlamaAdapter(Adapter):
     def down_proj(self, layer: nn.Module) -> nn.Module:
         return layer.mlp.down_proj
 
-    def add_compensation_biases(self, model: nn.Module) -> dict[str, bool]:
-        switches = [f for f in _BIAS_SWITCHES.get(self.config.model_type, ()) if not getattr(self.config, f, False)]
-        for layer in self.decoder_layers(model):
-            if "attention_bias" in switches:
-                for m in (*self.q_k_v(layer), self.o_proj(layer)):
-                    add_zero_bias(m)
-            if "mlp_bias" in switches:
-                for m in (*self.mlp_producers(layer), self.down_proj(layer)):
-                    add_zero_bias(m)
-        return {f: True for f in switches}
+    def compensation_fields(self) -> dict[str, bool]:
+        switches = _BIAS_SWITCHES.get(self.config.model_type, ())
+        return {f: True for f in switches if not getattr(self.config, f, False)}
+
+    def add_zero_biases(self, layer: nn.Module, fields: dict[str, bool]) -> None:
+        if fields.get("attention_bias"):
+            for m in (*self.q_k_v(layer), self.o_proj(layer)):
+                add_zero_bias(m)
+        if fields.get("mlp_bias"):
+            for m in (*self.mlp_producers(layer), self.down_proj(layer)):
+                add_zero_bias(m)
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         out = model.lm_head(model.model.norm(hidden))
