@@ -88,3 +88,12 @@ def test_unsupported_architecture(tmp_path, capsys):
     assert code == 2
     assert "unsupported architecture model_type='bert'" in err and "llama" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_global_method_from_cli(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "g"
+    code, stdout, _ = _run(capsys, "prune", tiny_folder, "--method", "global", "--sparsity", 0.3, "--out", out,
+                           "--calib", tmp_path / "calib.txt", "--nsamples", 4, "--seqlen", 32, "--device", "cpu",
+                           "--no-progress")
+    assert code == 0, stdout
+    assert json.loads((out / "structprune_plan.json").read_text())["allocation"]["rule"] == "global-taylor"

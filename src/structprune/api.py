@@ -64,8 +64,15 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
             calib_windows, holdout_windows = calibration_data(tokenizer, config, holdout=True)
         else:
             calib_windows = calibration_data(tokenizer, config)
-    pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows,
-                               masks=masks)
+    if config.scope == "global":
+        from .global_taylor import prune_global
+        from .pipeline import clean_copy
+
+        whole = model if isinstance(model, nn.Module) else clean_copy(model)
+        pruned, plan = prune_global(whole, calib_windows, config, progress=progress)
+    else:
+        pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows,
+                                   masks=masks)
     return PruneResult(model=pruned, plan=plan, tokenizer=tokenizer)
 
 

@@ -10,6 +10,7 @@ ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular")
 RECONSTRUCTIONS = ("none", "lstsq", "admm")
 SCORERS = ("wanda", "magnitude", "random", "flap")
 TARGETS = ("dense", "local")
+SCOPES = ("layer", "global")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 MAX_SPARSITY = 0.95
 
@@ -24,6 +25,8 @@ class PruneConfig:
     """Everything that decides what a pruning run does.
 
     sparsity: ACTUAL fraction of decoder linear weight parameters to remove (PROTOCOL.md).
+    scope: "layer" (STRUPRUNE: one layer at a time) or "global" (the O(N) baseline: whole model
+        on the device, first-order Taylor ranking of all units together; global_taylor.py).
     nsamples / seqlen: calibration windows and their length in tokens.
     batch_size: calibration windows moved to the compute device at once.
     scorer: unit importance ("wanda": |W| column norm x input-activation norm).
@@ -40,6 +43,7 @@ class PruneConfig:
     """
 
     sparsity: float = 0.3
+    scope: str = "layer"
     nsamples: int = 64
     seqlen: int = 512
     seed: int = 0
@@ -68,6 +72,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         _check(0.0 <= self.sparsity <= MAX_SPARSITY, "sparsity", self.sparsity,
                f"use a fraction in [0, {MAX_SPARSITY}] of decoder weights to remove")
+        _check(self.scope in SCOPES, "scope", self.scope, f"choose one of {SCOPES}")
         _check(self.nsamples >= 1, "nsamples", self.nsamples, "need at least one calibration window")
         _check(self.seqlen >= 8, "seqlen", self.seqlen, "windows must be at least 8 tokens")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .arch import Adapter, get_adapter
 from .config import PruneConfig
-from .pipeline import clean_copy, decoder_linear_params, total_params
+from .pipeline import clean_copy, decoder_linear_params, finish, total_params
 from .plan import LayerPlan, PrunePlan
 from .selection import select_heads
 from .streaming import resolve_device
@@ -313,20 +313,5 @@ def prune_global(model: nn.Module, windows: torch.Tensor, config: PruneConfig, p
         ))
         log.info("layer %d: heads %d/%d kv %d/%d neurons %d/%d", i, sel.keep_q.numel(), dense_shape.num_heads,
                  sel.keep_kv.numel(), dense_shape.num_kv_heads, sel.keep_n.numel(), dense_shape.intermediate_size)
-    out.config = adapter.shaped_config([p.shape for p in plans])
-    plan = PrunePlan(
-        model_type=model.config.model_type,
-        config=config.to_dict(),
-        layers=plans,
-        params_dense=total_dense,
-        params_pruned=total_params(out),
-        decoder_params_dense=dense_params,
-        decoder_params_pruned=decoder_linear_params(out, adapter),
-        allocation={"rule": RULE, **info},
-        timing={"gradient_seconds": t_grad, "prune_seconds": time.perf_counter() - t0},
-    )
-    for name, p in out.named_parameters():
-        if not torch.isfinite(p).all():
-            raise FloatingPointError(f"non-finite values in {name} after global pruning; "
-                                     "this is a bug, please report it")
-    return out.eval(), plan
+    return finish(model.config, out, adapter, config, plans, dense_params, total_dense, {"rule": RULE, **info},
+                  {"gradient_seconds": t_grad, "prune_seconds": time.perf_counter() - t0})

@@ -13,6 +13,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "wanda-sp": {"scorer": "wanda", "allocation": "uniform", "reconstruction": "none"},
     "magnitude": {"scorer": "magnitude", "allocation": "uniform", "reconstruction": "none"},
     "random": {"scorer": "random", "allocation": "uniform", "reconstruction": "none"},
+    # The O(N) reference: whole model on the device, global first-order Taylor ranking.
+    "global": {"scope": "global", "reconstruction": "none"},
 }
 
 

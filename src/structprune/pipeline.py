@@ -24,7 +24,7 @@ from .config import PruneConfig
 from .importance import column_scores, unit_scores
 from .plan import LayerPlan, PrunePlan
 from .planning import allocate, module_params
-from .reconstruct.lstsq import GramAccumulator, reconstruction_error, refit_consumer
+from .reconstruct.lstsq import GramAccumulator, refit_consumer
 from .selection import select_heads, select_neurons
 from .source import LayerSource, ModelSource, skeleton
 from .streaming import (
@@ -67,29 +67,38 @@ def total_params(model: nn.Module) -> int:
     return total
 
 
-def clean_copy(model: nn.Module) -> nn.Module:
-    """A fresh model of the same class and config with the same weights (the input model is
-    never modified; a GGUF quantization marker is not carried over)."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    cfg = copy.deepcopy(model.config)
-    if getattr(cfg, "quantization_config", None) is not None:
-        delattr(cfg, "quantization_config")
-    dtype = next(model.parameters()).dtype
-    out = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
-    missing = [m for m in missing if not _is_tied(out, m)]
-    if missing or unexpected:
-        raise RuntimeError(f"could not copy the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if hasattr(model, "generation_config"):
-        out.generation_config = copy.deepcopy(model.generation_config)
+def clean_copy(model: nn.Module | LayerSource) -> nn.Module:
+    """An independent full copy on the host with the same weights (the input is never modified;
+    a GGUF quantization marker is not carried over). O(model) host memory: for the global
+    baseline, which needs the whole model anyway."""
+    source = model if isinstance(model, LayerSource) else ModelSource(model)
+    out = skeleton(source)
+    layers = get_adapter(out.config).decoder_layers(out)
+    for i in range(len(layers)):
+        layers[i] = copy.deepcopy(source.layer(i))
     return out.eval()
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    return "lm_head" in name and bool(getattr(model.config, "tie_word_embeddings", False))
+def finish(source_config: Any, out: nn.Module, adapter: Adapter, config: PruneConfig, plans: list[LayerPlan],
+           dense_params: int, total_dense: int, allocation: dict[str, Any], timing: dict[str, float]
+           ) -> tuple[nn.Module, PrunePlan]:
+    """Shape the output config, assemble the plan, and refuse to return non-finite weights."""
+    out.config = adapter.shaped_config([p.shape for p in plans])
+    plan = PrunePlan(
+        model_type=source_config.model_type,
+        config=config.to_dict(),
+        layers=plans,
+        params_dense=total_dense,
+        params_pruned=total_params(out),
+        decoder_params_dense=dense_params,
+        decoder_params_pruned=decoder_linear_params(out, adapter),
+        allocation=allocation,
+        timing=timing,
+    )
+    for name, p in out.named_parameters():
+        if not torch.isfinite(p).all():
+            raise FloatingPointError(f"non-finite values in {name} after pruning; this is a bug, please report it")
+    return out.eval(), plan
 
 
 class _Budget:
@@ -164,21 +173,13 @@ class LayerPruner:
     def _refit(self, module: nn.Module, dense_module: nn.Module, stats: GramAccumulator,
                keep_cols: torch.Tensor) -> dict[str, float]:
         """Set `module` (already sliced) to the re-fit of the dense consumer on `keep_cols`."""
-        w, b = get_weight(dense_module).detach(), get_bias(dense_module)
-        b = None if b is None else b.detach()
-        sliced_w = w[:, keep_cols.to(w.device)]
         if self.config.reconstruction == "none":  # slicing already done; no statistics for errors
             return {}
-        err_none = reconstruction_error(w, b, stats, keep_cols, sliced_w, b)
-        info = {"error_none": err_none}
-        new_w, new_b = refit_consumer(w, b, stats, keep_cols, self.config.damp)
-        err = reconstruction_error(w, b, stats, keep_cols, new_w, new_b)
-        if err > err_none:
-            log.warning("re-fit raised the calibration error (%.4g > %.4g); keeping the sliced weights", err, err_none)
-            new_w, new_b, err = sliced_w, b, err_none
+        w, b = get_weight(dense_module).detach(), get_bias(dense_module)
+        new_w, new_b, errors = refit_consumer(w, None if b is None else b.detach(), stats, keep_cols,
+                                              self.config.damp)
         set_weight(module, new_w, new_b)
-        info["error"] = err
-        return info
+        return errors
 
     def _admm(self, pruned: nn.Module, dense: nn.Module, keep: torch.Tensor, block_in: list[torch.Tensor],
               block_out: list[torch.Tensor]) -> dict[str, Any]:
@@ -369,28 +370,10 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
                      lp.dense_shape["num_heads"], len(lp.kept_kv_heads), lp.dense_shape["num_kv_heads"],
                      len(lp.kept_neurons), lp.dense_shape["intermediate_size"],
                      {k: {m: round(v, 5) for m, v in d.items()} for k, d in lp.recon.items()})
-    out.config = adapter.shaped_config([p.shape for p in plans])
-    plan = PrunePlan(
-        model_type=model.config.model_type,
-        config=config.to_dict(),
-        layers=plans,
-        params_dense=total_dense,
-        params_pruned=total_params(out),
-        decoder_params_dense=dense_params,
-        decoder_params_pruned=decoder_linear_params(out, adapter),
-        allocation=alloc_info,
-        timing={"prune_seconds": time.perf_counter() - t0},
-    )
-    _check_finite(out)
-    return out.eval(), plan
+    return finish(source.config, out, adapter, config, plans, dense_params, total_dense, alloc_info,
+                  {"prune_seconds": time.perf_counter() - t0})
 
 
 def _rule_label(info: dict[str, Any]) -> str:
     t = info.get("temperature")
     return info["rule"] if t is None else f"{info['rule']} (T={t:.4g}, {info.get('temperature_source')})"
-
-
-def _check_finite(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise FloatingPointError(f"non-finite values in {name} after pruning; this is a bug, please report it")

@@ -77,6 +77,7 @@ class ModelSource(LayerSource):
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
         self.adapter = get_adapter(model.config)
+        self.generation_config = getattr(model, "generation_config", None)
 
     def non_layer_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix + ".")}
@@ -110,6 +111,11 @@ class SafetensorsSource(LayerSource):
         else:
             raise FileNotFoundError(f"{self.folder} has no model.safetensors or model.safetensors.index.json")
         self.weight_map: dict[str, str] = weight_map
+        self.generation_config = None
+        if (self.folder / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            self.generation_config = GenerationConfig.from_pretrained(self.folder)
         self._meta = _meta_model(self.config, dtype)
         self.prefix = _layers_prefix(self._meta)
         self._handles: dict[str, Any] = {}
@@ -159,6 +165,9 @@ def skeleton(source: LayerSource) -> nn.Module:
         owner, _, attr = name.rpartition(".")
         model.get_submodule(owner)._buffers[attr] = buf
     del donor
+    generation = getattr(source, "generation_config", None)
+    if generation is not None:
+        model.generation_config = copy.deepcopy(generation)
     state = source.non_layer_state(prefix)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not m.startswith(prefix + ".")]

@@ -127,16 +127,17 @@ def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float,
     raise FloatingPointError("least-squares solve failed even with 10^4 x damping: degenerate calibration data")
 
 
-def _columns(keep: torch.Tensor, n: int, has_bias: bool) -> torch.Tensor:
-    keep = keep.to(torch.long).cpu()
+def _columns(keep: torch.Tensor, n: int, has_bias: bool, device: torch.device) -> torch.Tensor:
+    keep = keep.to(device=device, dtype=torch.long)
     if has_bias:
-        keep = torch.cat([keep, torch.tensor([n])])
+        keep = torch.cat([keep, torch.tensor([n], device=device)])
     return keep
 
 
-def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    w = weight.detach().to(torch.float64).cpu()
-    b = torch.zeros(w.shape[0], 1, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64).cpu()[:, None]
+def _augmented(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    w = weight.detach().to(device=device, dtype=torch.float64)
+    b = (torch.zeros(w.shape[0], 1, dtype=torch.float64, device=device) if bias is None
+         else bias.detach().to(device=device, dtype=torch.float64)[:, None])
     return torch.cat([w, b], dim=1)
 
 
@@ -146,24 +147,37 @@ def refit_consumer(
     stats: GramAccumulator,
     keep: torch.Tensor,
     damp: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
     """Least-squares re-fit of a consumer projection W [out, n] on the kept columns `keep`.
 
-    Returns (W' [out, len(keep)], b' [out] or None) in the dtype of `weight`. A module
-    without a bias gets none (no compensation is possible without changing the model).
-    A non-finite solve falls back to the sliced weights and is logged.
+    Returns (W' [out, len(keep)], b' [out] or None, errors) with the weights in the dtype and
+    device of `weight`; errors = {"error_none": error of the sliced weights, "error": error of
+    the re-fit} (mean squared error per token, summed over outputs, exact from the statistics).
+    A module without a bias gets none (no compensation is possible without changing the model).
+    The damping pulls towards the sliced weights, so the re-fit's error never exceeds theirs.
+    A non-finite solve falls back to the sliced weights and is logged. Runs on the statistics' device.
     """
-    n = stats.n
-    cols = _columns(keep, n, bias is not None)
-    w_aug = _augmented(weight, bias)
-    rhs = w_aug @ stats.cross.cpu()[:, cols]
-    sol = damped_cholesky_solve(stats.gram.cpu()[cols][:, cols], rhs, damp, prior=w_aug[:, cols])
+    dev = stats.gram.device
+    cols = _columns(keep, stats.n, bias is not None, dev)
+    w_aug = _augmented(weight, bias, dev)
+    sliced = w_aug[:, cols]
+    g_kk = stats.gram[cols][:, cols]
+    rhs = w_aug @ stats.cross[:, cols]  # W C[:, K]: also the cross term of both errors
+    sol = damped_cholesky_solve(g_kk, rhs, damp, prior=sliced)
     if not torch.isfinite(sol).all():
         log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
-        sol = w_aug[:, cols]
+        sol = sliced
+    dense = (w_aug @ stats.gram_d * w_aug).sum()
+    count = max(stats.count, 1)
+
+    def error(w_new: torch.Tensor) -> float:
+        return float(((dense - 2 * (rhs * w_new).sum() + (w_new @ g_kk * w_new).sum()) / count).clamp_min(0))
+
+    errors = {"error_none": error(sliced), "error": error(sol)}
     if bias is None:
-        return sol.to(weight.dtype), None
-    return sol[:, :-1].to(weight.dtype).contiguous(), sol[:, -1].to(bias.dtype).contiguous()
+        return sol.to(weight.device, weight.dtype), None, errors
+    return (sol[:, :-1].to(weight.device, weight.dtype).contiguous(),
+            sol[:, -1].to(bias.device, bias.dtype).contiguous(), errors)
 
 
 def reconstruction_error(
@@ -176,14 +190,14 @@ def reconstruction_error(
 ) -> float:
     """Mean squared error per token, summed over outputs, between the dense target
     W x_d + b and the pruned projection W' x_p[K] + b', from the statistics alone."""
-    n = stats.n
-    cols = _columns(keep, n, new_bias is not None)
-    w = _augmented(weight, bias)
-    w_new = new_weight.detach().to(torch.float64).cpu()
+    dev = stats.gram.device
+    cols = _columns(keep, stats.n, new_bias is not None, dev)
+    w = _augmented(weight, bias, dev)
+    w_new = new_weight.detach().to(device=dev, dtype=torch.float64)
     if new_bias is not None:
-        w_new = torch.cat([w_new, new_bias.detach().to(torch.float64).cpu()[:, None]], dim=1)
-    dense = (w @ stats.gram_d.cpu() * w).sum()
-    cross = (w @ stats.cross.cpu()[:, cols] * w_new).sum()
-    kept = (w_new @ stats.gram.cpu()[cols][:, cols] * w_new).sum()
+        w_new = torch.cat([w_new, new_bias.detach().to(device=dev, dtype=torch.float64)[:, None]], dim=1)
+    dense = (w @ stats.gram_d * w).sum()
+    cross = (w @ stats.cross[:, cols] * w_new).sum()
+    kept = (w_new @ stats.gram[cols][:, cols] * w_new).sum()
     err = (dense - 2 * cross + kept) / max(stats.count, 1)
     return float(err.clamp_min(0))
