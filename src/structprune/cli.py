@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: prune the built-in SmolLM2-135M to 30%% and evaluate")
     d.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    _add_prune_options(d, nsamples=32)
+    _add_prune_options(d, nsamples=16)
     _add_common(d)
     _add_eval_data(d, prefix=True)
 
