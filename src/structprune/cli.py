@@ -162,7 +162,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="structprune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="structprune",
+        description="Structured pruning of decoder LLMs (attention heads and FFN neurons), one decoder layer at a "
+                    "time (STRUPRUNE). Sparsity is the ACTUAL fraction of decoder linear weights removed.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save it")
