@@ -39,7 +39,7 @@ def needs_holdout(config: PruneConfig) -> bool:
 
 def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | None = None, tokenizer: Any = None,
           calib_windows: torch.Tensor | None = None, progress: bool = True,
-          holdout_windows: torch.Tensor | None = None, masks: Any = None) -> PruneResult:
+          holdout_windows: torch.Tensor | None = None, masks: Any = None, sink: Any = None) -> PruneResult:
     """Prune a model (object, LayerSource or MODEL string) to `config.sparsity` ACTUAL decoder sparsity.
 
     The input model is never modified. A local safetensors folder is read one decoder layer
@@ -48,6 +48,7 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
     Returns the pruned model (host), its plan and the tokenizer. `holdout_windows`: calibration
     windows kept apart for the temperature search (drawn automatically from config.calib).
     `masks`: a PrunePlan whose kept units are replayed (compare re-fits on equal masks).
+    `sink`: an `io.ShardWriter` that receives each layer as soon as it is pruned.
     """
     config = config or PruneConfig()
     resolve_device(config.device)  # fail fast on a missing device
@@ -72,7 +73,7 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
         pruned, plan = prune_global(whole, calib_windows, config, progress=progress)
     else:
         pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows,
-                                   masks=masks)
+                                   masks=masks, sink=sink)
     return PruneResult(model=pruned, plan=plan, tokenizer=tokenizer)
 
 

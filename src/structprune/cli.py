@@ -94,14 +94,27 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         dense = model if isinstance(model, torch.nn.Module) else load_model(args.model, config.dtype)[0]
         dense_ppl = api.evaluate_perplexity(dense, tok, **ev)
         del dense
-    t0 = time.perf_counter()
-    result = api.prune(model, config, tokenizer=tok, calib_windows=windows, progress=not args.no_progress,
-                       holdout_windows=holdout)
-    seconds = time.perf_counter() - t0
-    if evaluate:
-        pruned_ppl = api.evaluate_perplexity(result.model, tok, **ev)
-        result.plan.timing.update({"perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl})
-    io.save_pruned(result.model, result.plan, args.out, tokenizer=tok, overwrite=args.overwrite)
+    # Layer-wise runs write each layer to the output as soon as it is pruned (and, unless the
+    # pruned model is evaluated afterwards, free it); the folder appears atomically at the end.
+    sink = io.ShardWriter(args.out, args.overwrite, release=not evaluate) if config.scope == "layer" else None
+    try:
+        t0 = time.perf_counter()
+        result = api.prune(model, config, tokenizer=tok, calib_windows=windows, progress=not args.no_progress,
+                           holdout_windows=holdout, sink=sink)
+        seconds = time.perf_counter() - t0
+        if evaluate:
+            pruned_ppl = api.evaluate_perplexity(result.model, tok, **ev)
+            result.plan.timing.update({"perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl})
+        if sink is not None:
+            from .source import layers_prefix
+
+            sink.finish(result.model, result.plan, layers_prefix(result.model), tokenizer=tok)
+        else:
+            io.save_pruned(result.model, result.plan, args.out, tokenizer=tok, overwrite=args.overwrite)
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
     plan = result.plan
     rows = [
         ("model", args.model),

@@ -1,7 +1,9 @@
 """Save and load pruned models: safetensors weights, a config with per-layer shapes, the plan.
 
 A folder written by `save_pruned` holds:
-    model.safetensors        the weights (tied tensors stored once)
+    model.safetensors        the weights (tied tensors stored once); or, when written layer by layer
+                             while pruning (ShardWriter), model-layer-NNNNN.safetensors shards,
+                             model-rest.safetensors and model.safetensors.index.json
     config.json              the family's config; `structprune.layers` lists every layer's shape,
                              and for uniform shapes the standard fields are set so plain
                              `AutoModelForCausalLM.from_pretrained` loads it ("vanilla": true)
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PLAN_NAME = "structprune_plan.json"
+INDEX_NAME = "model.safetensors.index.json"
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
@@ -45,43 +48,109 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def _write_metadata(tmp: Path, model: torch.nn.Module, plan: PrunePlan, tokenizer: Any,
+                    extra_files: dict[str, bytes] | None) -> None:
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        try:
+            model.generation_config.save_pretrained(tmp)
+        except Exception as e:  # a malformed generation config must not lose the model
+            log.warning("generation config not saved: %s", e)
+    plan.save(tmp / PLAN_NAME)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    try:
+        from .plots import ALLOCATION_PNG, allocation_png
+
+        (tmp / ALLOCATION_PNG).write_bytes(allocation_png(plan))
+    except Exception as e:  # a plotting problem must not lose the model
+        log.warning("allocation plot not written: %s", e)
+    for name, data in (extra_files or {}).items():
+        (tmp / name).write_bytes(data)
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    """Move the finished temporary folder into place (replacing an old one only now)."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    log.info("saved pruned model to %s", out_dir)
+
+
+def _temp_beside(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
 def save_pruned(model: torch.nn.Module, plan: PrunePlan, out_dir: str | Path, tokenizer: Any = None,
                 overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write the pruned model atomically to `out_dir`; returns the folder."""
+    """Write the pruned model atomically to `out_dir` (one safetensors file); returns the folder."""
     out_dir = check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = _temp_beside(out_dir)
     try:
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            try:
-                model.generation_config.save_pretrained(tmp)
-            except Exception as e:  # a malformed generation config must not lose the model
-                log.warning("generation config not saved: %s", e)
-        plan.save(tmp / PLAN_NAME)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        try:
-            from .plots import ALLOCATION_PNG, allocation_png
-
-            (tmp / ALLOCATION_PNG).write_bytes(allocation_png(plan))
-        except Exception as e:  # a plotting problem must not lose the model
-            log.warning("allocation plot not written: %s", e)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        _write_metadata(tmp, model, plan, tokenizer, extra_files)
+        _commit(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("saved pruned model to %s", out_dir)
     return out_dir
+
+
+class ShardWriter:
+    """Writes a pruned model while the pipeline runs: one safetensors shard per finished decoder
+    layer, then the rest and an index (a standard sharded checkpoint). Everything goes to a
+    temporary folder beside `out_dir`, moved into place by `finish`; `abort` removes it.
+    With `release=True` the pipeline frees each layer once written (host memory: one layer)."""
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False, release: bool = True) -> None:
+        self.out_dir = check_output_dir(out_dir, overwrite)
+        self.release = release
+        self.tmp = _temp_beside(self.out_dir)
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.layers_written: list[int] = []
+
+    def _save(self, state: dict[str, torch.Tensor], name: str) -> None:
+        from safetensors.torch import save_file
+
+        for key, t in state.items():
+            if not torch.isfinite(t).all():
+                raise FloatingPointError(f"non-finite values in {key}; refusing to write it")
+        save_file(state, str(self.tmp / name), metadata={"format": "pt"})
+        for key, t in state.items():
+            self.weight_map[key] = name
+            self.total_size += t.numel() * t.element_size()
+
+    def write_layer(self, index: int, prefix: str, layer: torch.nn.Module) -> None:
+        state = {f"{prefix}.{index}.{k}": v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+        self._save(state, f"model-layer-{index:05d}.safetensors")
+        self.layers_written.append(index)
+
+    def finish(self, model: torch.nn.Module, plan: PrunePlan, prefix: str, tokenizer: Any = None) -> Path:
+        seen: set[int] = set()
+        rest: dict[str, torch.Tensor] = {}
+        for key, t in model.state_dict().items():
+            if key.startswith(prefix + ".") or t.is_meta:
+                continue
+            ptr = t.data_ptr()
+            if ptr in seen:  # tied weights are stored once; transformers re-ties them
+                continue
+            seen.add(ptr)
+            rest[key] = t.detach().cpu().contiguous()
+        self._save(rest, "model-rest.safetensors")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
+        _write_metadata(self.tmp, model, plan, tokenizer, None)
+        _commit(self.tmp, self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def is_pruned_folder(path: str | Path) -> bool:
@@ -98,9 +167,10 @@ def load_pruned(path: str | Path, dtype: str = "float32") -> torch.nn.Module:
     from .loading import resolve_dtype
 
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+    sharded = (path / INDEX_NAME).is_file()
+    if not (path / CONFIG_NAME).is_file() or not (sharded or (path / WEIGHTS_NAME).is_file()):
         raise FileNotFoundError(f"{str(path)!r} is not a structprune output folder "
-                                f"(needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+                                f"(needs {CONFIG_NAME} and {WEIGHTS_NAME} or {INDEX_NAME})")
     config = AutoConfig.from_pretrained(path)
     meta = getattr(config, "structprune", None)
     if meta is None:
@@ -117,7 +187,19 @@ def load_pruned(path: str | Path, dtype: str = "float32") -> torch.nn.Module:
             raise ValueError(f"config lists {len(shapes)} layer shapes but the model has {len(layers)} layers")
         for layer, shape in zip(layers, shapes):
             adapter.reshape_layer(layer, shape)
-    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+    if sharded:
+        from safetensors.torch import load_file
+
+        files = sorted(set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values()))
+        expected = set(model.state_dict())
+        loaded: set[str] = set()
+        for name in files:
+            part = load_file(str(path / name))
+            model.load_state_dict(part, strict=False)
+            loaded |= set(part)
+        missing, unexpected = sorted(expected - loaded), sorted(loaded - expected)
+    else:
+        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
     missing = [m for m in missing if not ("lm_head" in m and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:
         raise ValueError(f"weights in {path} do not match the pruned shapes: missing {missing[:5]}, "

@@ -26,7 +26,7 @@ from .plan import LayerPlan, PrunePlan
 from .planning import allocate, module_params
 from .reconstruct.lstsq import GramAccumulator, refit_consumer
 from .selection import select_heads, select_neurons
-from .source import LayerSource, ModelSource, skeleton
+from .source import LayerSource, ModelSource, layers_prefix, skeleton
 from .streaming import (
     _StopForward,
     calibration_mode,
@@ -96,7 +96,7 @@ def finish(source_config: Any, out: nn.Module, adapter: Adapter, config: PruneCo
         timing=timing,
     )
     for name, p in out.named_parameters():
-        if not torch.isfinite(p).all():
+        if not p.is_meta and not torch.isfinite(p).all():  # meta: already written (and checked) by a sink
             raise FloatingPointError(f"non-finite values in {name} after pruning; this is a bug, please report it")
     return out.eval(), plan
 
@@ -294,7 +294,8 @@ def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:
 
 
 def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
-                holdout: torch.Tensor | None = None, masks: PrunePlan | None = None) -> tuple[nn.Module, PrunePlan]:
+                holdout: torch.Tensor | None = None, masks: PrunePlan | None = None,
+                sink: Any = None) -> tuple[nn.Module, PrunePlan]:
     """Prune `model` (an in-memory model, left untouched, or a LayerSource such as a
     safetensors folder read one layer at a time) on calibration `windows` [nsamples, seqlen].
 
@@ -303,7 +304,10 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     `windows` (at least one) is set aside for it and not used for pruning.
     masks: a plan whose kept units are replayed instead of selected (allocation is skipped);
     the statistics and re-fit still run, so re-fit methods can be compared on equal masks.
-    Host memory: the output model (real non-layer parts, pruned layers) plus one dense layer.
+    sink: an `io.ShardWriter`; each finished layer is written to it at once and, with
+    `sink.release`, dropped from memory (its placeholder goes back to the meta device).
+    Host memory: the output model (real non-layer parts, pruned layers) plus one dense layer;
+    with a releasing sink, the non-layer parts plus about one layer.
     """
     t0 = time.perf_counter()
     source = model if isinstance(model, LayerSource) else ModelSource(model)
@@ -320,6 +324,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             setattr(out.config, name, value)
     adapter = get_adapter(out.config)
     layers = adapter.decoder_layers(out)
+    prefix = layers_prefix(out)
     shape = adapter.dense_shape()
     dense_params = adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
 
@@ -361,6 +366,10 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             fixed = masks.layers[i] if masks is not None else None
             new_layer, lp, xd_next, xp = pruner.prune(i, dense_layer(i), xd, xp, calls[i], budget, fixed)
             layers[i] = new_layer
+            if sink is not None:
+                sink.write_layer(i, prefix, new_layer)
+                if sink.release:
+                    layers[i] = new_layer.to("meta")
             xd = xd_next if xd is not None else None
             lp.rule = _rule_label(alloc_info)
             imp = alloc_info.get("importance", {})

@@ -26,7 +26,7 @@ from .arch import get_adapter
 log = logging.getLogger(__name__)
 
 
-def _layers_prefix(model: nn.Module) -> str:
+def layers_prefix(model: nn.Module) -> str:
     layers = get_adapter(model.config).decoder_layers(model)
     for name, module in model.named_modules():
         if module is layers:
@@ -117,7 +117,7 @@ class SafetensorsSource(LayerSource):
 
             self.generation_config = GenerationConfig.from_pretrained(self.folder)
         self._meta = _meta_model(self.config, dtype)
-        self.prefix = _layers_prefix(self._meta)
+        self.prefix = layers_prefix(self._meta)
         self._handles: dict[str, Any] = {}
 
     def _tensor(self, key: str) -> torch.Tensor:
@@ -157,7 +157,7 @@ def skeleton(source: LayerSource) -> nn.Module:
     if getattr(config, "quantization_config", None) is not None:
         delattr(config, "quantization_config")
     model = _meta_model(config, source.dtype)
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     donor = _buffer_donor(config, source.dtype)
     for name, buf in donor.named_buffers():
         if name.startswith(prefix + "."):
