@@ -442,3 +442,17 @@ def test_search_bad_arguments():
         A.search_temperature(lambda t: t, 0.0)
     with pytest.raises(ValueError, match="max_evals=3"):
         A.search_temperature(lambda t: t, 1.0, "auto", max_evals=3)
+
+
+def test_kind_split_meets_budget_and_rho_zero_keeps_attention():
+    from structprune.allocation import kind_split
+
+    params = [100, 300, 100, 300]
+    kinds = ["attn", "mlp", "attn", "mlp"]
+    for rho in (0.0, 0.5, 1.0, 2.0):
+        kept = kind_split(params, kinds, 0.3, rho, max_sparsity=0.9)
+        assert abs(sum(k * p for k, p in zip(kept, params)) - 0.7 * sum(params)) < 1e-9
+    kept = kind_split(params, kinds, 0.3, 0.0)
+    assert kept[0] == kept[2] == 1.0
+    with pytest.raises(ValueError, match="rho"):
+        kind_split(params, kinds, 0.8, 0.0, max_sparsity=0.9)

@@ -33,6 +33,23 @@ SEARCH_MODES = ("grid", "auto")
 _GOLDEN = (3.0 - math.sqrt(5.0)) / 2.0  # 0.381966...: golden-section step fraction
 
 
+def kind_split(params: Sequence[int], kinds: Sequence[str], sparsity: float, rho: float,
+               max_sparsity: float = 0.9) -> list[float]:
+    """Uniform within each kind, attention pruned at rho times the MLP's ratio (rho = 0: MLP
+    only; rho = 1: plain uniform), meeting the budget exactly."""
+    if not (math.isfinite(rho) and rho >= 0):
+        raise ValueError(f"rho={rho!r} is invalid: attention/MLP ratio must be >= 0")
+    p_attn = sum(p for p, k in zip(params, kinds) if k == "attn")
+    p_mlp = sum(p for p, k in zip(params, kinds) if k == "mlp")
+    total = p_attn + p_mlp
+    r_mlp = sparsity * total / (rho * p_attn + p_mlp) if (rho * p_attn + p_mlp) > 0 else 0.0
+    if r_mlp > max_sparsity or rho * r_mlp > max_sparsity:
+        raise ValueError(f"rho={rho} needs module sparsity {max(r_mlp, rho * r_mlp):.3f} > max_sparsity="
+                         f"{max_sparsity} to reach sparsity={sparsity}; raise rho or max_layer_sparsity")
+    kept = [1.0 - (rho * r_mlp if k == "attn" else r_mlp) for k in kinds]
+    return meet_budget(kept, params, sparsity, max_sparsity=max_sparsity, method="scale")
+
+
 def uniform(params: Sequence[int], sparsity: float) -> list[float]:
     """Every module keeps the same fraction 1 - sparsity of its parameters."""
     if not 0.0 <= sparsity <= 1.0:

@@ -13,6 +13,7 @@ from .data import calibration_windows, eval_windows, load_text, tokenize
 from .evaluate import perplexity
 from .loading import open_for_pruning
 from .pipeline import PruneResult, prune_model
+from .planning import needs_holdout
 from .source import LayerSource
 from .streaming import resolve_device
 
@@ -33,8 +34,6 @@ def calibration_data(tokenizer: Any, config: PruneConfig, holdout: bool = False
     return windows, calibration_windows(ids, max(2, config.nsamples // 8), config.seqlen, config.seed + 1)
 
 
-def needs_holdout(config: PruneConfig) -> bool:
-    return config.allocation.startswith("softmax") and config.temperature == "auto"
 
 
 def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | None = None, tokenizer: Any = None,

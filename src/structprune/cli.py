@@ -40,7 +40,9 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default=None, help="weight re-fit")
     p.add_argument("--temperature", default=None,
                    help="softmax allocation temperature: auto (search on held-back calibration data) or a number")
-    p.add_argument("--rho", type=float, default=None, help="softmax-modular: attention pruning ratio relative to MLP")
+    p.add_argument("--rho", default=None,
+                   help="attention pruning ratio relative to MLP (uniform, softmax-modular): auto (default) or a number "
+                        ">= 0; 0 prunes only FFN neurons")
     p.add_argument("--gamma", type=float, default=None, help="softmax-modular: depth decay (>0 prunes deeper layers more)")
     p.add_argument("--max-layer-sparsity", type=float, default=None, help="cap on any module's sparsity (default 0.9)")
     p.add_argument("--admm-iters", type=int, default=None, help="ADMM iterations (reconstruction admm)")

@@ -36,6 +36,11 @@ class PruneConfig:
         pruned stream (classic layer-wise reconstruction); "dense" fits it to the dense model's
         outputs on the dense stream. Measured on SmolLM2-135M at 30% (16 x 512 calibration):
         local 46.5, dense 103.8 perplexity, so local is the default.
+    rho: attention pruning ratio relative to the MLP's, for the uniform and softmax-modular
+        rules (0: MLP only; 1: equal). "auto" picks it on held-back calibration windows among
+        0, 0.5 and 1 (uniform) or uses 1 (softmax-modular). On SmolLM2-135M at 30% (3 KV
+        groups per layer, so attention moves in steps of a whole group) MLP-only measured
+        34.6 perplexity against 44.1 for equal ratios.
     damp: relative ridge damping, times mean(diag(Gram)).
     bias_compensation: where the family's config can express it (llama: attention_bias and
         mlp_bias; qwen3, gemma3: attention_bias), add zero biases so the re-fit can compensate
@@ -59,7 +64,7 @@ class PruneConfig:
     prune_mlp: bool = True
     max_layer_sparsity: float = 0.9
     temperature: str = "auto"
-    rho: float = 1.0
+    rho: float | str = "auto"
     gamma: float = 0.0
     admm_iters: int = 4
     admm_alpha: float = 1.0
@@ -92,7 +97,12 @@ class PruneConfig:
             except ValueError:
                 t = -1.0
             _check(t > 0, "temperature", self.temperature, "use 'auto' or a positive number")
-        _check(self.rho > 0, "rho", self.rho, "attention/MLP ratio must be positive")
+        if self.rho != "auto":
+            try:
+                rho = float(self.rho)
+            except (TypeError, ValueError):
+                rho = -1.0
+            _check(rho >= 0, "rho", self.rho, "use 'auto' or a number >= 0 (attention/MLP pruning ratio)")
         _check(self.admm_iters >= 0, "admm_iters", self.admm_iters, "must be >= 0")
         for name in ("admm_alpha", "admm_beta", "admm_gamma"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "ADMM penalties must be positive")

@@ -23,7 +23,7 @@ from .arch import Adapter, LayerShape, get_adapter
 from .config import PruneConfig
 from .importance import column_scores, unit_scores
 from .plan import LayerPlan, PrunePlan
-from .planning import allocate, module_params
+from .planning import allocate, module_params, needs_holdout
 from .reconstruct.lstsq import GramAccumulator, refit_consumer
 from .selection import select_heads, select_neurons
 from .source import LayerSource, ModelSource, layers_prefix, skeleton
@@ -335,10 +335,9 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             adapter.add_zero_biases(layer, bias_fields)
         return layer
 
-    needs_holdout = config.allocation.startswith("softmax") and config.temperature == "auto" and masks is None
-    if needs_holdout and holdout is None:
+    if needs_holdout(config) and masks is None and holdout is None:
         if windows.shape[0] < 2:
-            raise ValueError("temperature='auto' needs at least 2 calibration windows (one is held back)")
+            raise ValueError("an automatic allocation search needs at least 2 calibration windows (one is held back)")
         n_hold = max(1, windows.shape[0] // 8)
         windows, holdout = windows[:-n_hold], windows[-n_hold:]
 
@@ -348,7 +347,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
         if masks is not None:
             if len(masks.layers) != len(layers):
                 raise ValueError(f"masks plan has {len(masks.layers)} layers, the model {len(layers)}")
-            allocation = allocate(config.replace(allocation="uniform"), adapter, out, layers, dense_layer, hidden,
+            allocation = allocate(config.replace(allocation="uniform", rho=1.0), adapter, out, layers, dense_layer, hidden,
                                   calls, None, device, dtype, progress)
             allocation.info = {"rule": "replayed", "from": masks.allocation.get("rule")}
         else:

@@ -170,6 +170,16 @@ def masked_loss(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer
     return nll / count
 
 
+def needs_holdout(config: PruneConfig) -> bool:
+    """Whether the allocation searches a parameter on held-back calibration windows."""
+    if config.allocation.startswith("softmax"):
+        return config.temperature == "auto"
+    return config.allocation == "uniform" and config.rho == "auto" and config.prune_attention and config.prune_mlp
+
+
+RHO_CANDIDATES = (0.0, 0.5, 1.0)
+
+
 def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn.ModuleList,
              dense_layer: DenseLayer, hidden: list[torch.Tensor], calls: list[tuple], holdout: torch.Tensor | None,
              device: torch.device, dtype: torch.dtype, progress: bool = True) -> Allocation:
@@ -180,8 +190,11 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     p = [params[k] for k in keys]
     keep = {k: 1.0 for k in params}
     info: dict[str, Any] = {"rule": config.allocation, "prunable_sparsity": sparsity}
-    if config.allocation == "uniform":
-        keep.update(zip(keys, alloc.uniform(p, sparsity)))
+    kinds = [k for _, k in keys]
+    if config.allocation == "uniform" and (config.rho != "auto" or not needs_holdout(config)):
+        rho = 1.0 if config.rho == "auto" else float(config.rho)
+        keep.update(zip(keys, alloc.kind_split(p, kinds, sparsity, rho, config.max_layer_sparsity)))
+        info["rho"] = rho
         return Allocation(keep, info)
 
     closed = config.allocation == "closed-form"
@@ -195,6 +208,27 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         keep.update(zip(keys, kept))
         return Allocation(keep, info)
 
+    if config.allocation == "uniform":  # rho == "auto": choose the attention/MLP split on held-back data
+        if holdout is None:
+            raise ValueError("rho='auto' needs held-back calibration windows")
+        hold_hidden, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
+        table = []
+        for rho in RHO_CANDIDATES:
+            try:
+                kept = alloc.kind_split(p, kinds, sparsity, rho, config.max_layer_sparsity)
+            except ValueError:
+                continue
+            k = dict(keep)
+            k.update(zip(keys, kept))
+            loss = masked_loss(model, layers, dense_layer, adapter, holdout, hold_hidden, calls, scores, k, device,
+                               dtype, config.batch_size)
+            log.info("rho %.2f: held-back calibration loss %.4f", rho, loss)
+            table.append((loss, rho, kept))
+        loss, rho, kept = min(table)
+        keep.update(zip(keys, kept))
+        info.update({"rho": rho, "rho_source": "auto", "rho_search": [[r, v] for v, r, _ in table]})
+        return Allocation(keep, info)
+
     unit = [scores[i].heads if k == "attn" else scores[i].neurons for i, k in keys]
     importance = alloc.normalise_importance(unit, p)
     info["importance"] = {f"{i}.{k}": v for (i, k), v in zip(keys, importance)}
@@ -203,8 +237,9 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     def rule(t: float) -> list[float]:
         if config.allocation == "softmax":
             return alloc.softmax_energy(importance, p, sparsity, t, max_sparsity=max_s)
-        return alloc.softmax_modular(importance, p, [k for _, k in keys], [i for i, _ in keys], sparsity, t,
-                                     rho=config.rho, gamma=config.gamma, max_sparsity=max_s)
+        rho = 1.0 if config.rho == "auto" else float(config.rho)
+        return alloc.softmax_modular(importance, p, kinds, [i for i, _ in keys], sparsity, t,
+                                     rho=max(rho, 1e-6), gamma=config.gamma, max_sparsity=max_s)
 
     if config.temperature != "auto":
         t = float(config.temperature)
