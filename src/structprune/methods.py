@@ -9,10 +9,11 @@ from .config import PruneConfig
 METHODS: dict[str, dict[str, Any]] = {
     # STRUPRUNE: calibration-aware scores, allocation, least-squares (or ADMM) reconstruction.
     "structprune": {"scorer": "wanda"},
-    # Baselines (uniform allocation, no reconstruction).
-    "wanda-sp": {"scorer": "wanda", "allocation": "uniform", "reconstruction": "none"},
-    "magnitude": {"scorer": "magnitude", "allocation": "uniform", "reconstruction": "none"},
-    "random": {"scorer": "random", "allocation": "uniform", "reconstruction": "none"},
+    # Baselines (uniform allocation, no reconstruction, FFN neurons only as in the published
+    # Wanda-sp / random structured figures of PROTOCOL comparisons).
+    "wanda-sp": {"scorer": "wanda", "allocation": "uniform", "reconstruction": "none", "rho": 0.0},
+    "magnitude": {"scorer": "magnitude", "allocation": "uniform", "reconstruction": "none", "rho": 0.0},
+    "random": {"scorer": "random", "allocation": "uniform", "reconstruction": "none", "rho": 0.0},
     # The O(N) reference: whole model on the device, global first-order Taylor ranking.
     "global": {"scope": "global", "reconstruction": "none"},
 }
