@@ -102,3 +102,10 @@ def test_replayed_masks_give_same_units_for_every_reconstruction():
                          progress=False, masks=first.plan)
         assert [lp.kept_neurons for lp in again.plan.layers] == [lp.kept_neurons for lp in first.plan.layers]
         assert [lp.kept_heads for lp in again.plan.layers] == [lp.kept_heads for lp in first.plan.layers]
+
+
+def test_output_shares_no_storage_with_input():
+    model = tiny_model("llama")
+    res = sp.prune(model, _cfg(sparsity=0.3), calib_windows=windows(8), progress=False)
+    inputs = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in inputs for p in res.model.parameters())

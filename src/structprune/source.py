@@ -80,7 +80,8 @@ class ModelSource(LayerSource):
         self.generation_config = getattr(model, "generation_config", None)
 
     def non_layer_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix + ".")}
+        # cloned: the output must not share storage with the input (it may be trained later)
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith(prefix + ".")}
 
     def layer(self, index: int) -> nn.Module:
         return self.adapter.decoder_layers(self.model)[index]
