@@ -76,6 +76,7 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
 
     from . import api, io
     from .loading import load_model, open_for_pruning
+    from .streaming import resolve_device
 
     config = _config(args)
     if args.out is None:
@@ -126,7 +127,7 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         ("parameters (all)", f"{plan.params_dense:,} -> {plan.params_pruned:,}"),
         ("decoder linear weights", f"{plan.decoder_params_dense:,} -> {plan.decoder_params_pruned:,}"),
         ("sparsity", f"actual {plan.actual_sparsity:.4f} (requested {config.sparsity})"),
-        ("pruning time", f"{seconds:.1f} s on {args.device}"),
+        ("pruning time", f"{seconds:.1f} s on {resolve_device(args.device)}"),
     ]
     if evaluate:
         rows.append((f"perplexity ({args.data} eval, {args.windows} x {args.eval_seqlen}, fp32)",
