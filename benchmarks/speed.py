@@ -47,15 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, dense.config.vocab_size, (args.batch, args.seqlen))
     prompt = ids[:, :16]
     rows = {}
+    models = (("dense", dense), ("pruned", pruned))
+    times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n, _ in models}
     with torch.no_grad():
-        for name, m in (("dense", dense), ("pruned", pruned)):
-            m(input_ids=ids)  # warm-up
-        for name, m in (("dense", dense), ("pruned", pruned)) * 1:
-            prefill = _time(lambda: m(input_ids=ids, use_cache=False), args.repeats)
-            gen = _time(lambda: m.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                           do_sample=False, pad_token_id=tok.eos_token_id), max(2, args.repeats // 2))
-            rows[name] = {"params": sum(x.numel() for x in m.parameters()), "prefill_s": prefill,
-                          "decode_tokens_per_s": args.batch * args.new_tokens / gen}
+        for _, m in models:  # warm-up
+            m(input_ids=ids, use_cache=False)
+        for _ in range(args.repeats):  # interleaved, so both see the same machine noise
+            for name, m in models:
+                times[name]["prefill"].append(_time(lambda: m(input_ids=ids, use_cache=False), 1))
+                times[name]["decode"].append(_time(lambda: m.generate(
+                    prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                    pad_token_id=tok.eos_token_id), 1))
+    for name, m in models:
+        rows[name] = {"params": sum(x.numel() for x in m.parameters()),
+                      "prefill_s": statistics.median(times[name]["prefill"]),
+                      "decode_tokens_per_s": args.batch * args.new_tokens / statistics.median(times[name]["decode"])}
     rows["prefill_speedup"] = rows["dense"]["prefill_s"] / rows["pruned"]["prefill_s"]
     rows["decode_speedup"] = rows["pruned"]["decode_tokens_per_s"] / rows["dense"]["decode_tokens_per_s"]
     rows["setup"] = {"device": "cpu", "threads": torch.get_num_threads(), "batch": args.batch,
