@@ -337,9 +337,13 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
 
     if needs_holdout(config) and masks is None and holdout is None:
         if windows.shape[0] < 2:
-            raise ValueError("an automatic allocation search needs at least 2 calibration windows (one is held back)")
-        n_hold = max(1, windows.shape[0] // 8)
-        windows, holdout = windows[:-n_hold], windows[-n_hold:]
+            log.warning("one calibration window cannot be split for the automatic allocation search; "
+                        "using rho=1 and T=inf (uniform) instead")
+            config = config.replace(rho=1.0 if config.rho == "auto" else config.rho,
+                                    temperature="inf" if config.temperature == "auto" else config.temperature)
+        else:
+            n_hold = max(1, windows.shape[0] // 8)
+            windows, holdout = windows[:-n_hold], windows[-n_hold:]
 
     with calibration_mode(out):
         hidden, calls = capture_layer_inputs(out, layers, windows, config.batch_size)
