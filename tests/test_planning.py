@@ -10,7 +10,6 @@ from conftest import tiny_model, windows
 
 import structprune as sp
 from structprune.arch import get_adapter
-from structprune.planning import Allocation, allocate, module_params
 
 
 @pytest.mark.parametrize("rule", ["closed-form", "softmax", "softmax-modular"])
