@@ -176,11 +176,9 @@ def load_pruned(path: str | Path, dtype: str = "float32") -> torch.nn.Module:
     if meta is None:
         raise ValueError(f"{path / CONFIG_NAME} has no 'structprune' section; load it with transformers instead")
     shapes = [LayerShape.from_dict(s) for s in meta["layers"]]
-    dense_cfg = config
-    if meta.get("vanilla"):
-        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype) or torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_config(dense_cfg, dtype=resolve_dtype(dtype) or torch.float32)
+    # vanilla: the config already has the pruned sizes; otherwise it is the dense one, reshaped per layer
+    model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype) or torch.float32)
+    if not meta.get("vanilla"):
         adapter = get_adapter(config)
         layers = adapter.decoder_layers(model)
         if len(layers) != len(shapes):
