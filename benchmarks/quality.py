@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{method}{args.tag}@{s}"
             if key in results["cells"]:
                 continue
-            overrides = {k: type(getattr(sp.PruneConfig(), k))(v) for k, v in extra.items()}
+            overrides = {k: _field(k, v) for k, v in extra.items()}
             cfg = method_config(method, sparsity=s, nsamples=args.nsamples, seqlen=args.seqlen, **overrides)
             masks = None
             if args.masks_from:
@@ -106,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{seconds / ref:.1f}x dense fwd)", flush=True)
     print(render(results))
     return 0
+
+
+def _field(name: str, text: str):
+    """A --set value typed like the PruneConfig default ("false" is False for booleans)."""
+    default = getattr(sp.PruneConfig(), name)
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"--set {name}={text}: expected true or false")
+        return text.lower() in ("true", "1")
+    return type(default)(text)
 
 
 def render(results: dict) -> str:

@@ -36,3 +36,16 @@ def test_allocation_is_not_uniform_when_layers_differ():
     res = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
     kept = [len(lp.kept_neurons) for lp in res.plan.layers]
     assert kept[1] < min(kept[0], kept[2]), kept
+
+
+def test_relative_temperature_is_a_multiple_of_the_score_scale():
+    model = tiny_model("llama")
+    base = dict(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation="softmax")
+    rel = sp.prune(model, sp.PruneConfig(**base, temperature="2x"), calib_windows=windows(8), progress=False)
+    info = rel.plan.allocation
+    assert info["temperature"] == pytest.approx(2 * info["score_scale"])
+    same = sp.prune(model, sp.PruneConfig(**base, temperature=repr(info["temperature"])), calib_windows=windows(8),
+                    progress=False)
+    assert [lp.kept_neurons for lp in same.plan.layers] == [lp.kept_neurons for lp in rel.plan.layers]
+    with pytest.raises(ValueError, match="score scale"):
+        sp.PruneConfig(temperature="fastx")

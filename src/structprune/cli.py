@@ -39,7 +39,8 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None, help="per-layer budget rule")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default=None, help="weight re-fit")
     p.add_argument("--temperature", default=None,
-                   help="softmax allocation temperature: auto (search on held-back calibration data) or a number")
+                   help="softmax allocation temperature: auto (search on held-back calibration data), a number, "
+                        "or a multiple of the score scale such as 0.1x")
     p.add_argument("--rho", default=None,
                    help="attention pruning ratio relative to MLP (uniform, softmax-modular): auto (default) or a number "
                         ">= 0; 0 prunes only FFN neurons")

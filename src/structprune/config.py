@@ -15,6 +15,14 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 MAX_SPARSITY = 0.95
 
 
+def temperature_value(text: str | float) -> tuple[float, bool]:
+    """Parse a fixed temperature: (value, relative). "0.1x" is 0.1 times the score scale."""
+    text = str(text).strip()
+    if text.endswith("x"):
+        return float(text[:-1]), True
+    return float(text), False
+
+
 def _check(cond: bool, name: str, value: Any, why: str) -> None:
     if not cond:
         raise ValueError(f"{name}={value!r} is invalid: {why}")
@@ -93,10 +101,11 @@ class PruneConfig:
                "must be in (0, 1]")
         if self.temperature != "auto":
             try:
-                t = float(self.temperature)
+                t = temperature_value(self.temperature)[0]
             except ValueError:
                 t = -1.0
-            _check(t > 0, "temperature", self.temperature, "use 'auto' or a positive number")
+            _check(t > 0, "temperature", self.temperature,
+                   "use 'auto', a positive number, or a multiple of the score scale such as '0.1x'")
         if self.rho != "auto":
             try:
                 rho = float(self.rho)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import allocation as alloc
 from .arch import Adapter
-from .config import PruneConfig
+from .config import PruneConfig, temperature_value
 from .importance import column_scores, unit_scores
 from .reconstruct.lstsq import GramAccumulator
 from .selection import select_heads, select_neurons
@@ -242,7 +242,9 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
                                      rho=max(rho, 1e-6), gamma=config.gamma, max_sparsity=max_s)
 
     if config.temperature != "auto":
-        t = float(config.temperature)
+        t, relative = temperature_value(config.temperature)
+        if relative:
+            t *= scale
         info.update({"temperature": t, "temperature_source": "given", "score_scale": scale})
     else:
         if holdout is None:
