@@ -70,6 +70,12 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
 
         whole = model if isinstance(model, nn.Module) else clean_copy(model)
         pruned, plan = prune_global(whole, calib_windows, config, progress=progress)
+    elif config.allocation == "flap":
+        from .flap import prune_flap
+
+        if masks is not None:
+            raise ValueError("masks= replays kept units through the layer pipeline; allocation 'flap' has its own")
+        pruned, plan = prune_flap(model, calib_windows, config, progress=progress, sink=sink)
     else:
         pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows,
                                    masks=masks, sink=sink)

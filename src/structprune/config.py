@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular")
+ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "flap")
+FLAP_STANDARDISE = ("layer", "kind")
 RECONSTRUCTIONS = ("none", "lstsq", "admm")
 SCORERS = ("wanda", "magnitude", "random", "flap")
 TARGETS = ("dense", "local")
@@ -37,8 +38,12 @@ class PruneConfig:
         on the device, first-order Taylor ranking of all units together; global_taylor.py).
     nsamples / seqlen: calibration windows and their length in tokens.
     batch_size: calibration windows moved to the compute device at once.
+    chunk_tokens: the device memory knob: at most this many calibration tokens on the compute
+        device at once (batches are cut to max(1, chunk_tokens // seqlen) windows; ADMM processes
+        its FFN buffers in chunks of this many tokens).
     scorer: unit importance ("wanda": |W| column norm x input-activation norm).
-    allocation: how the budget is spread over layers and modules.
+    allocation: how the budget is spread over layers and modules. "flap": FLAP's global
+        ranking of standardised fluctuation scores (flap.py; no re-fit, reconstruction "none").
     reconstruction: how kept weights are re-fitted ("lstsq": damped least squares).
     target: "local" (default) fits each consumer projection to the dense layer applied to the
         pruned stream (classic layer-wise reconstruction); "dense" fits it to the dense model's
@@ -53,6 +58,9 @@ class PruneConfig:
     bias_compensation: where the family's config can express it (llama: attention_bias and
         mlp_bias; qwen3, gemma3: attention_bias), add zero biases so the re-fit can compensate
         the mean output of removed units. The checkpoint stays loadable by plain transformers.
+        With allocation "flap" (no re-fit) the bias gains W[:, removed] @ mean(x[removed]).
+    flap_standardise: FLAP's score standardisation, per "layer" and module (the reference
+        code) or per module "kind" over all layers.
     """
 
     sparsity: float = 0.3
@@ -79,6 +87,7 @@ class PruneConfig:
     admm_beta: float = 10.0
     admm_gamma: float = 1.0
     chunk_tokens: int = 8192
+    flap_standardise: str = "layer"
     device: str = "auto"
     dtype: str = "float32"
 
@@ -93,6 +102,12 @@ class PruneConfig:
         _check(self.allocation in ALLOCATIONS, "allocation", self.allocation, f"choose one of {ALLOCATIONS}")
         _check(self.reconstruction in RECONSTRUCTIONS, "reconstruction", self.reconstruction,
                f"choose one of {RECONSTRUCTIONS}")
+        _check(self.allocation != "flap" or self.reconstruction == "none", "reconstruction",
+               self.reconstruction, "allocation 'flap' re-fits no weight; use reconstruction 'none'")
+        _check(self.allocation != "flap" or self.scope == "layer", "scope", self.scope,
+               "allocation 'flap' is its own whole-model ranking; use scope 'layer'")
+        _check(self.flap_standardise in FLAP_STANDARDISE, "flap_standardise", self.flap_standardise,
+               f"choose one of {FLAP_STANDARDISE}")
         _check(self.target in TARGETS, "target", self.target, f"choose one of {TARGETS}")
         _check(self.damp > 0, "damp", self.damp, "damping must be positive")
         _check(self.prune_attention or self.prune_mlp, "prune_attention/prune_mlp",

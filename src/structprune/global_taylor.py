@@ -126,11 +126,14 @@ def global_selection(
     sparsity: float,
     prune_attention: bool = True,
     prune_mlp: bool = True,
+    per_parameter: bool = True,
 ) -> tuple[list[Selection], dict[str, float]]:
     """Rank all units of all layers by score per parameter and keep the best so that the
     realised fraction of decoder linear weights removed is the closest to `sparsity`.
 
     head_scores[i]: [num_heads], neuron_scores[i]: [intermediate_size] (non-negative).
+    per_parameter=False ranks by the score itself (scores of any sign, e.g. FLAP's
+    standardised ones); parameter costs then enter only through the removal budget.
     Returns per-layer selections and {"threshold": score per parameter of the last unit
     removed, "removed_units": count, "actual_sparsity": realised fraction}.
     """
@@ -144,11 +147,11 @@ def global_selection(
     ratios, layer_of, is_head = [], [], []
     for i in range(n_layers):
         if prune_attention:
-            ratios.append(head_scores[i].float().cpu() / head_cost)
+            ratios.append(head_scores[i].float().cpu() / (head_cost if per_parameter else 1.0))
             layer_of.append(torch.full((shape.num_heads,), i))
             is_head.append(torch.ones(shape.num_heads, dtype=torch.bool))
         if prune_mlp:
-            ratios.append(neuron_scores[i].float().cpu() / n_cost)
+            ratios.append(neuron_scores[i].float().cpu() / (n_cost if per_parameter else 1.0))
             layer_of.append(torch.full((shape.intermediate_size,), i))
             is_head.append(torch.zeros(shape.intermediate_size, dtype=torch.bool))
     ratio = torch.cat(ratios)

@@ -14,6 +14,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "wanda-sp": {"scorer": "wanda", "allocation": "uniform", "reconstruction": "none", "rho": 0.0},
     "magnitude": {"scorer": "magnitude", "allocation": "uniform", "reconstruction": "none", "rho": 0.0},
     "random": {"scorer": "random", "allocation": "uniform", "reconstruction": "none", "rho": 0.0},
+    # FLAP (An et al., AAAI 2024): fluctuation metric, global standardised ranking of heads and
+    # neurons, bias compensation, no re-fit (flap.py).
+    "flap": {"scorer": "flap", "allocation": "flap", "reconstruction": "none", "bias_compensation": True},
     # The O(N) reference: whole model on the device, global first-order Taylor ranking.
     "global": {"scope": "global", "reconstruction": "none"},
 }

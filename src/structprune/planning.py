@@ -184,6 +184,8 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
              dense_layer: DenseLayer, hidden: list[torch.Tensor], calls: list[tuple], holdout: torch.Tensor | None,
              device: torch.device, dtype: torch.dtype, progress: bool = True) -> Allocation:
     """Kept fraction per module for config.allocation (see module docstring)."""
+    if config.allocation == "flap":
+        raise ValueError("allocation='flap' is not a layer-pipeline rule; structprune.prune runs it through flap.py")
     params = module_params(adapter)
     keys = prunable_keys(config, adapter)
     sparsity = prunable_sparsity(config, adapter)
