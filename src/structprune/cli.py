@@ -206,7 +206,75 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="what a pruned folder kept, per layer")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+
+    b = sub.add_parser("bench", help="benchmarks (PROTOCOL.md)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    q = bsub.add_parser("quality", help="methods x actual sparsity: perplexity on two texts, time, peak memory "
+                                        "(resumable JSON + Markdown table)")
+    add_quality_options(q)
+
+    r = sub.add_parser("report", help="render a saved quality run (JSON file or folder): Markdown table + PNG plots")
+    r.add_argument("path", help="a run JSON file, or a folder of them (e.g. benchmarks/results)")
     return parser
+
+
+def add_quality_options(p: argparse.ArgumentParser, out: str = "benchmarks/results/quality.json") -> None:
+    """Options of `structprune bench quality` (also benchmarks/quality.py)."""
+    from .bench import DEFAULT_METHODS, DEFAULT_SPARSITIES, DEFAULT_TEXTS, QUICK
+
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--sparsities", nargs="+", type=float, default=list(DEFAULT_SPARSITIES))
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 16; quick 2)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512; quick 128)")
+    p.add_argument("--windows", type=int, default=None, help="evaluation windows per text (default 64; quick 2)")
+    p.add_argument("--calib", default="wiki", help="calibration text (its calibration split)")
+    p.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS),
+                   help="evaluation texts (their eval splits): wiki, pydoc (Debian python3.11-doc) or files")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="extra PruneConfig fields for every cell, e.g. target=local")
+    p.add_argument("--tag", default="", help="suffix for the method name in the table")
+    p.add_argument("--masks-from", default=None, metavar="METHODTAG",
+                   help="replay the kept units of cell METHODTAG@sparsity (compare re-fits on equal masks)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK['nsamples']} x {QUICK['seqlen']} calibration, {QUICK['windows']} "
+                        "evaluation windows, default output quality_quick.json")
+    p.add_argument("--out", default=None, help=f"result JSON (default {out})")
+    p.set_defaults(default_out=out)
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import QUICK, BenchSettings, parse_field, render, run_quality
+
+    quick = QUICK if args.quick else {"nsamples": 16, "seqlen": 512, "windows": 64}
+    overrides = {}
+    for kv in args.set:
+        if "=" not in kv:
+            raise ValueError(f"--set {kv!r}: expected FIELD=VALUE")
+        name, value = kv.split("=", 1)
+        overrides[name] = parse_field(name, value)
+    settings = BenchSettings(
+        model=args.model, methods=tuple(args.methods), sparsities=tuple(args.sparsities),
+        nsamples=args.nsamples or quick["nsamples"], seqlen=args.seqlen or quick["seqlen"],
+        windows=args.windows or quick["windows"], calib=args.calib, texts=tuple(args.texts), overrides=overrides,
+        tag=args.tag, masks_from=args.masks_from, device=args.device, max_cells=args.max_cells)
+    default_out = Path(args.default_out)
+    out = Path(args.out) if args.out else (default_out.with_name("quality_quick.json") if args.quick else default_out)
+    results = run_quality(settings, out, echo=lambda line: print(line, flush=True))
+    print(render(results))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    for path in report(args.path):
+        print(path)
+    return 0
 
 
 def _add_eval_data(p: argparse.ArgumentParser, prefix: bool) -> None:
@@ -234,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "bench":
+            return cmd_bench_quality(args)
+        if args.command == "report":
+            return cmd_report(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

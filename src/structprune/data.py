@@ -1,7 +1,9 @@
 """Text sources and token windows (PROTOCOL.md).
 
 Sources, by name: "wiki" (the built-in Wikipedia lead paragraphs; split "calib" or "eval"),
-a local .txt / .jsonl / .json file, or the `datasets` names "wikitext2", "ptb", "c4".
+"pydoc" (the prose of the Python 3.11 documentation that Debian's python3.11-doc package
+ships; a second real text domain), a local .txt / .jsonl / .json file, or the `datasets`
+names "wikitext2", "ptb", "c4".
 """
 
 from __future__ import annotations
@@ -45,6 +47,49 @@ def wiki_text(split: str) -> str:
         if extract:
             texts.append(extract)
     return "\n\n".join(texts)
+
+
+PYDOC_DIR = Path("/usr/share/doc/python3.11/html/_sources")
+PYDOC_ENV = "STRUCTPRUNE_PYDOC_DIR"
+PYDOC_SECTIONS = ("tutorial", "howto", "faq", "reference", "using")
+PYDOC_HINT = ("the 'pydoc' text is the Python 3.11 documentation from Debian's python3.11-doc package: "
+              "install it with `apt-get install python3.11-doc` (Debian 12), or anywhere with "
+              "`apt-get download python3.11-doc && dpkg -x python3.11-doc_*.deb DIR` and "
+              f"{PYDOC_ENV}=DIR/usr/share/doc/python3.11/html/_sources")
+_UNDERLINE = set("=-~*^\"'#+`.:")
+
+
+def _rst_prose(text: str) -> list[str]:
+    """The prose paragraphs of a reStructuredText file: blocks that start unindented, are not
+    directives or comments ("..") and are not interpreter sessions (">>>"); section titles
+    are kept without their under/overlines."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = [ln for ln in block.strip("\n").splitlines()
+                 if not (ln.strip() and len(ln.strip()) > 2 and set(ln.strip()) <= _UNDERLINE)]
+        if not lines or lines[0][:1].isspace() or lines[0].startswith(("..", ">>>")):
+            continue
+        para = " ".join(ln.strip() for ln in lines).strip()
+        if para and not set(para) <= _UNDERLINE:  # a lone "::" (code block follows) is no prose
+            out.append(para)
+    return out
+
+
+def pydoc_text(split: str) -> str:
+    """The Python documentation prose: files of PYDOC_SECTIONS in sorted path order, even index
+    -> eval, odd -> calib (as for "wiki"); each file's prose paragraphs joined by a blank line."""
+    if split not in ("eval", "calib"):
+        raise ValueError(f"split={split!r} is invalid: use 'eval' or 'calib'")
+    root = Path(os.environ.get(PYDOC_ENV) or PYDOC_DIR)
+    files = sorted(p for section in PYDOC_SECTIONS for p in (root / section).rglob("*.rst.txt"))
+    if not files:
+        raise FileNotFoundError(f"no Python documentation sources under {root}; {PYDOC_HINT}")
+    parity = 0 if split == "eval" else 1
+    texts = ["\n\n".join(_rst_prose(p.read_text(encoding="utf-8"))) for i, p in enumerate(files) if i % 2 == parity]
+    return "\n\n".join(t for t in texts if t)
+
+
+NAMED_TEXTS = ("wiki", "pydoc")
 
 
 def _file_text(path: Path) -> str:
@@ -101,13 +146,15 @@ def load_text(source: str, split: str = "calib") -> str:
     """The raw text of a source, for the calibration ("calib") or evaluation ("eval") side."""
     if source == "wiki":
         return wiki_text(split)
+    if source == "pydoc":
+        return pydoc_text(split)
     if source in _DATASETS:
         return _datasets_text(source, split)
     path = Path(os.path.expanduser(source))
     if path.is_file():
         return _file_text(path)
     raise FileNotFoundError(
-        f"text source {source!r} is neither a file nor a known name; use 'wiki', "
+        f"text source {source!r} is neither a file nor a known name; use 'wiki', 'pydoc', "
         f"{', '.join(sorted(_DATASETS))}, or a path to a .txt/.jsonl file"
     )
 

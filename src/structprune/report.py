@@ -1,0 +1,147 @@
+"""`structprune report DIR_OR_JSON`: render saved quality runs (bench.py JSON) as Markdown and PNGs.
+
+Reads the saved JSON only (and, for files written before per-layer shapes were recorded,
+the dense shape from the cell's saved plan beside it). Writes, beside each JSON file:
+<stem>.md (the tables), <stem>_perplexity.png (perplexity against actual sparsity per method,
+log y, one panel per text) and <stem>_layers.png (per-layer kept fraction of the decoder
+layer's linear weights, for every STRUPRUNE variant cell).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .bench import _ppl, _texts, load_results, render
+
+STRUPRUNE_PREFIX = "structprune"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def perplexity_png(results: dict[str, Any], path: Path, title: str = "") -> None:
+    """Perplexity against actual sparsity per method (log y), one panel per text; dense as a line."""
+    plt = _plt()
+    texts = _texts(results)
+    cells = results["cells"]
+    methods = list(dict.fromkeys(c["method"] for c in cells.values()))
+    fig, axes = plt.subplots(1, len(texts), figsize=(5.2 * len(texts), 4), dpi=110, squeeze=False)
+    dense = results.get("dense", {})
+    for ax, text in zip(axes[0], texts):
+        for m in methods:
+            pts = sorted((c["actual"], _ppl(c, text)) for c in cells.values()
+                         if c["method"] == m and _ppl(c, text) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+        d = dense.get("perplexity_by_text", {}).get(text, dense.get("perplexity") if text == "wiki" else None)
+        if d is not None:
+            ax.axhline(d, color="grey", ls=":", label=f"dense {d:.2f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("actual decoder sparsity")
+        ax.set_ylabel("perplexity (log)")
+        ax.set_title(f"{text} eval" + (f": {title}" if title else ""), fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _dense_shape(results: dict[str, Any], key: str, folder: Path) -> dict[str, int] | None:
+    shape = results.get("dense", {}).get("shape")
+    if shape is not None:
+        return shape
+    plan = folder / "plans" / f"{key}.json"
+    if plan.is_file():
+        layers = json.loads(plan.read_text()).get("layers", [])
+        if layers:
+            return layers[0]["dense_shape"]
+    return None
+
+
+def layer_fractions(cell: dict[str, Any], shape: dict[str, int]) -> tuple[list[float], list[float]]:
+    """Per layer: (kept fraction of the attention weights, kept fraction of the MLP neurons).
+
+    A query head and a KV head carry equal weight counts in every supported family (2 x hidden
+    x head_dim), so attention's kept fraction is (query + KV heads kept) / (dense query + KV
+    heads). Cells without recorded KV counts: KV heads taken in proportion to query heads."""
+    kept = cell["kept"]
+    heads, neurons = kept["heads"], kept["neurons"]
+    kv = kept.get("kv_heads") or [h * shape["num_kv_heads"] / shape["num_heads"] for h in heads]
+    dense_attn = shape["num_heads"] + shape["num_kv_heads"]
+    attn = [(h + k) / dense_attn for h, k in zip(heads, kv)]
+    mlp = [n / shape["intermediate_size"] for n in neurons]
+    return attn, mlp
+
+
+def layers_png(results: dict[str, Any], path: Path, folder: Path) -> bool:
+    """Per-layer kept fraction of attention and MLP for each STRUPRUNE variant cell; False if none."""
+    cells = {k: c for k, c in results["cells"].items() if c["method"].startswith(STRUPRUNE_PREFIX)}
+    if not cells:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110, sharey=True)
+    for key, cell in sorted(cells.items(), key=lambda kv: (kv[1]["method"], kv[1]["requested"])):
+        shape = _dense_shape(results, key, folder)
+        if shape is None:
+            continue
+        attn, mlp = layer_fractions(cell, shape)
+        label = f"{cell['method']} @ {cell['actual']:.2f}"
+        axes[0].plot(range(len(attn)), attn, ".-", label=label)
+        axes[1].plot(range(len(mlp)), mlp, ".-", label=label)
+    for ax, what in zip(axes, ("attention (query + KV heads)", "MLP neurons")):
+        ax.set_xlabel("decoder layer")
+        ax.set_title(f"kept fraction: {what}", fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("kept fraction")
+    axes[1].legend(fontsize=6, loc="lower left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def report(target: str | Path) -> list[Path]:
+    """Render every run JSON at `target` (a file, or the *.json files directly in a folder).
+    Returns the files written."""
+    target = Path(target)
+    if target.is_dir():
+        files = sorted(p for p in target.glob("*.json") if _is_run(p))
+        if not files:
+            raise FileNotFoundError(f"no quality-run JSON files in {target}")
+    elif target.is_file():
+        files = [target]
+    else:
+        raise FileNotFoundError(f"{target} does not exist; pass a run JSON file or the folder holding them")
+    written: list[Path] = []
+    for f in files:
+        results = load_results(f)
+        if not results["cells"]:
+            continue
+        md = f.with_suffix(".md")
+        md.write_text(f"# {f.stem}\n\n" + render(results) + "\n")
+        written.append(md)
+        png = f.with_name(f.stem + "_perplexity.png")
+        perplexity_png(results, png, title=f.stem)
+        written.append(png)
+        layers = f.with_name(f.stem + "_layers.png")
+        if layers_png(results, layers, f.parent):
+            written.append(layers)
+    return written
+
+
+def _is_run(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("cells"), dict)
