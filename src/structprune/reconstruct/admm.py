@@ -52,6 +52,10 @@ _ACT_ALIASES = {
 _RIDGE_JITTER = 1e-12  # relative damping of the p-update system, which is already PD
 _EXACT_FIT = 1e-10  # relative error below which there is nothing left to reconstruct
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+# Newton steps and step halvings of the smooth z-update inside the loop. Each step can only lower
+# the z-subproblem's cost, so fewer steps keep the descent property; measured on SmolLM2-135M
+# (layer 10, 30%): 2 x 3 reaches the block error of 4 x 5 within 1% at a fraction of the time.
+Z_STEPS, Z_HALVINGS = 2, 3
 
 
 def _gelu_tanh(t: Tensor) -> Tensor:
@@ -360,8 +364,10 @@ def _aux_pass(pb: _Problem, wps: Sequence[Tensor], st: _State, pen: _Penalties) 
         p = update_p(w2, b2, yc, target, pen.beta, pen.gamma)
         if pb.relu:
             z = update_z_relu(p, ms[0], pen.alpha, pen.gamma, v)
-        else:
-            z = update_z_smooth(p, ms[0], z, pb.act, pen.alpha, pen.gamma, v)
+        else:  # elementwise Newton in the state dtype (float32 unless x is float64): the hot loop
+            w = st.z.dtype
+            z = update_z_smooth(p.to(w), ms[0].to(w), z.to(w), pb.act, pen.alpha, pen.gamma,
+                                None if v is None else v.to(w), steps=Z_STEPS, halvings=Z_HALVINGS).to(torch.float64)
         if v is not None:
             v = update_up(p, pb.fn(z), ms[1], pen.alpha_v, pen.gamma)
             st.v[sl] = v.to(st.v.dtype)
