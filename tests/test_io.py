@@ -90,3 +90,69 @@ def test_shard_writer_abort_leaves_nothing(tmp_path):
     sink = ShardWriter(tmp_path / "s")
     sink.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupting(sink, after: int):
+    """Make `sink` stop the run (as Ctrl-C or a lost machine would) once `after` layers are on disk."""
+    write = sink.write_layer
+
+    def write_layer(index, prefix, layer):
+        if len(sink.layers_written) == after:
+            raise _Interrupted
+        write(index, prefix, layer)
+
+    sink.write_layer = write_layer
+    return sink
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("options", [{}, {"target": "dense", "scorer": "random"}])
+def test_interrupted_run_resumes_to_the_same_model(family, options, tmp_path):
+    """A run stopped after two layers continues from its shards and ends with exactly the model
+    an uninterrupted run writes; the finished layers are not pruned again."""
+    from structprune.io import ShardWriter, partial_dir
+    from structprune.source import layers_prefix
+
+    model = tiny_model(family)
+    cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu", **options)
+    ref = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
+    out = tmp_path / "m"
+    sink = _interrupting(ShardWriter(out), after=2)
+    with pytest.raises(_Interrupted):
+        sp.prune(model, cfg, calib_windows=windows(8), progress=False, sink=sink)
+    sink.abort()  # what the CLI does on any exception: finished layers stay
+    assert sorted(p.name for p in partial_dir(out).glob("model-layer-*")) == [
+        "model-layer-00000.safetensors", "model-layer-00001.safetensors"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        ShardWriter(out)
+    sink = ShardWriter(out, resume=True)
+    res = sp.prune(model, cfg, calib_windows=windows(8), progress=False, sink=sink)
+    assert sink.layers_written == [0, 1, 2]
+    assert [lp.kept_neurons for lp in res.plan.layers] == [lp.kept_neurons for lp in ref.plan.layers]
+    sink.finish(res.model, res.plan, layers_prefix(res.model))
+    assert not partial_dir(out).exists()
+    ids = windows(2)
+    torch.testing.assert_close(logits(sp.load_pruned(out), ids), logits(ref.model, ids))
+
+
+def test_resume_with_another_configuration_starts_over(tmp_path):
+    from structprune.io import ShardWriter
+    from structprune.source import layers_prefix
+
+    model = tiny_model("llama")
+    cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu")
+    sink = _interrupting(ShardWriter(tmp_path / "m"), after=1)
+    with pytest.raises(_Interrupted):
+        sp.prune(model, cfg, calib_windows=windows(8), progress=False, sink=sink)
+    sink.abort()
+    other = cfg.replace(sparsity=0.5)
+    ref = sp.prune(model, other, calib_windows=windows(8), progress=False)
+    sink = ShardWriter(tmp_path / "m", resume=True)
+    res = sp.prune(model, other, calib_windows=windows(8), progress=False, sink=sink)
+    out = sink.finish(res.model, res.plan, layers_prefix(res.model))
+    assert res.plan.actual_sparsity == ref.plan.actual_sparsity
+    torch.testing.assert_close(logits(sp.load_pruned(out), windows(2)), logits(ref.model, windows(2)))

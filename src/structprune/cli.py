@@ -34,6 +34,10 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration offsets (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per device batch")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="device memory knob: at most this many calibration tokens on the compute device at "
+                        "once (batches are cut to max(1, N // seqlen) windows; ADMM works on its FFN buffers "
+                        "in chunks of N tokens). Default 8192; lower it to trade speed for memory")
     p.add_argument("--method", default="structprune", choices=sorted(METHODS), help="named preset")
     p.add_argument("--scorer", choices=SCORERS, default=None, help="unit importance (overrides the method)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None, help="per-layer budget rule")
@@ -54,6 +58,8 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
                    help="re-fit target: local (dense layer on the pruned inputs, default) or dense (dense-model outputs)")
     p.add_argument("--out", default=None, help="output folder for the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command (its finished layers are kept beside --out)")
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -64,7 +70,8 @@ def _config(args: argparse.Namespace) -> Any:
         seed=args.seed, batch_size=args.batch_size, scorer=args.scorer, allocation=args.allocation,
         reconstruction=args.reconstruction, target=args.target, device=args.device, dtype=args.dtype,
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
-        admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma)
+        admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
+        chunk_tokens=args.chunk_tokens)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -100,7 +107,8 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         del dense
     # Layer-wise runs write each layer to the output as soon as it is pruned (and, unless the
     # pruned model is evaluated afterwards, free it); the folder appears atomically at the end.
-    sink = io.ShardWriter(args.out, args.overwrite, release=not evaluate) if config.scope == "layer" else None
+    sink = (io.ShardWriter(args.out, args.overwrite, release=not evaluate, resume=args.resume)
+            if config.scope == "layer" else None)
     try:
         t0 = time.perf_counter()
         result = api.prune(model, config, tokenizer=tok, calib_windows=windows, progress=not args.no_progress,

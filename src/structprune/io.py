@@ -35,6 +35,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PLAN_NAME = "structprune_plan.json"
 INDEX_NAME = "model.safetensors.index.json"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
@@ -101,19 +102,84 @@ def save_pruned(model: torch.nn.Module, plan: PrunePlan, out_dir: str | Path, to
     return out_dir
 
 
+PROGRESS_NAME = "progress.json"
+
+
+def partial_dir(out_dir: str | Path) -> Path:
+    """Where a layer-wise run keeps its finished layers until it completes (beside `out_dir`)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
 class ShardWriter:
     """Writes a pruned model while the pipeline runs: one safetensors shard per finished decoder
     layer, then the rest and an index (a standard sharded checkpoint). Everything goes to a
-    temporary folder beside `out_dir`, moved into place by `finish`; `abort` removes it.
-    With `release=True` the pipeline frees each layer once written (host memory: one layer)."""
+    working folder beside `out_dir` (`partial_dir`), moved into place by `finish`.
 
-    def __init__(self, out_dir: str | Path, overwrite: bool = False, release: bool = True) -> None:
+    With `release=True` the pipeline frees each layer once written (host memory: one layer).
+    Resumable: after every layer, `progress.json` records the run's fingerprint, allocation,
+    the finished layers' plans and the random state; a run interrupted for any reason leaves
+    the folder, and `resume=True` continues it (the pipeline replays the finished layers from
+    their shards). Without `resume`, a leftover folder is an error that names both choices.
+    `abort` removes the folder (used when the run fails because of its input, not interrupted)."""
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False, release: bool = True,
+                 resume: bool = False) -> None:
         self.out_dir = check_output_dir(out_dir, overwrite)
         self.release = release
-        self.tmp = _temp_beside(self.out_dir)
+        self.tmp = partial_dir(self.out_dir)
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self.layers_written: list[int] = []
+        self.progress: dict[str, Any] | None = None
+        if self.tmp.exists() and resume and (self.tmp / PROGRESS_NAME).is_file():
+            self.progress = json.loads((self.tmp / PROGRESS_NAME).read_text())
+        elif self.tmp.exists() and not overwrite and not resume:
+            raise FileExistsError(f"an unfinished run of {str(self.out_dir)!r} is in {str(self.tmp)!r}; "
+                                  "pass --resume to continue it or --overwrite to start over")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def resume_state(self, fingerprint: str) -> dict[str, Any] | None:
+        """The saved progress of an interrupted run with the same fingerprint, else None (and
+        the stale folder is cleared). Re-registers the finished shards."""
+        prog = self.progress
+        if prog is None:
+            return None
+        if prog.get("fingerprint") != fingerprint:
+            log.warning("the unfinished run in %s used another model, configuration or calibration set; "
+                        "starting over", self.tmp)
+            for f in self.tmp.iterdir():
+                f.unlink()
+            self.progress = None
+            return None
+        from safetensors import safe_open
+
+        for entry in prog["layers"]:
+            name = f"model-layer-{entry['index']:05d}.safetensors"
+            with safe_open(str(self.tmp / name), framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_slice(key)
+                    self.weight_map[key] = name
+                    numel = 1
+                    for d in t.get_shape():
+                        numel *= d
+                    self.total_size += numel * _DTYPE_BYTES.get(t.get_dtype(), 4)
+            self.layers_written.append(entry["index"])
+        log.info("resuming %s: %d finished layer(s) replayed from %s", self.out_dir, len(prog["layers"]), self.tmp)
+        return prog
+
+    def layer_path(self, index: int) -> Path:
+        return self.tmp / f"model-layer-{index:05d}.safetensors"
+
+    def record(self, fingerprint: str, allocation: dict[str, Any], layers: list[dict[str, Any]],
+               rng: list[int]) -> None:
+        """Atomically rewrite progress.json after a layer's shard is on disk."""
+        body = {"fingerprint": fingerprint, "allocation": allocation, "layers": layers, "rng": rng}
+        tmp = self.tmp / (PROGRESS_NAME + ".tmp")
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, self.tmp / PROGRESS_NAME)
 
     def _save(self, state: dict[str, torch.Tensor], name: str) -> None:
         from safetensors.torch import save_file
@@ -145,11 +211,17 @@ class ShardWriter:
         self._save(rest, "model-rest.safetensors")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
+        (self.tmp / PROGRESS_NAME).unlink(missing_ok=True)
         _write_metadata(self.tmp, model, plan, tokenizer, None)
         _commit(self.tmp, self.out_dir)
         return self.out_dir
 
     def abort(self) -> None:
+        """The run stopped early: keep finished layers for --resume, else remove the folder."""
+        if self.layers_written and (self.tmp / PROGRESS_NAME).is_file():
+            log.warning("the run stopped after %d finished layer(s); they are kept in %s: run the same command "
+                        "with --resume to continue", len(self.layers_written), self.tmp)
+            return
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

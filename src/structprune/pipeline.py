@@ -9,8 +9,11 @@ host: the dense model's hidden states (targets) and the pruned model's (inputs).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import time
+from dataclasses import asdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +26,7 @@ from .arch import Adapter, get_adapter
 from .config import PruneConfig
 from .importance import column_scores, unit_scores
 from .plan import LayerPlan, PrunePlan
-from .planning import allocate, module_params, needs_holdout
+from .planning import Allocation, allocate, module_params, needs_holdout
 from .reconstruct.lstsq import GramAccumulator, refit_consumer
 from .selection import select_heads, select_neurons
 from .source import LayerSource, ModelSource, layers_prefix, skeleton
@@ -175,9 +178,10 @@ class LayerPruner:
         """Set `module` (already sliced) to the re-fit of the dense consumer on `keep_cols`."""
         if self.config.reconstruction == "none":  # slicing already done; no statistics for errors
             return {}
-        w, b = get_weight(dense_module).detach(), get_bias(dense_module)
-        new_w, new_b, errors = refit_consumer(w, None if b is None else b.detach(), stats, keep_cols,
-                                              self.config.damp)
+        # the dense module may be the host layer itself (see prune): read in the run dtype, never modified
+        w, b = get_weight(dense_module).detach().to(self.device, self.dtype), get_bias(dense_module)
+        b = None if b is None else b.detach().to(self.device, self.dtype)
+        new_w, new_b, errors = refit_consumer(w, b, stats, keep_cols, self.config.damp)
         set_weight(module, new_w, new_b)
         return errors
 
@@ -209,7 +213,11 @@ class LayerPruner:
         """Returns (pruned layer on the host, its plan, next dense stream, next pruned stream)."""
         ad, cfg = self.adapter, self.config
         call = to_device(call, self.device, self.dtype)
-        dense = device_copy(host_layer, self.device, self.dtype)
+        # One device copy of the layer (the one pruned). A second, dense copy only when the dense
+        # layer is run: a dense target stream or ADMM. Otherwise the re-fits read the dense consumer
+        # weights straight from the host layer.
+        run_dense = xd is not None or cfg.reconstruction == "admm"
+        dense = device_copy(host_layer, self.device, self.dtype) if run_dense else host_layer
         pruned = device_copy(host_layer, self.device, self.dtype)
         shape = ad.layer_shape(dense)
         hd = ad.head_dim
@@ -293,6 +301,12 @@ def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:
         pass
 
 
+def device_batch(config: PruneConfig, seqlen: int) -> int:
+    """Calibration windows per device batch: at most `batch_size`, and at most `chunk_tokens`
+    tokens (never less than one window). The activations on the compute device scale with it."""
+    return max(1, min(config.batch_size, config.chunk_tokens // seqlen))
+
+
 def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
                 holdout: torch.Tensor | None = None, masks: PrunePlan | None = None,
                 sink: Any = None) -> tuple[nn.Module, PrunePlan]:
@@ -345,10 +359,17 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             n_hold = max(1, windows.shape[0] // 8)
             windows, holdout = windows[:-n_hold], windows[-n_hold:]
 
+    fingerprint = run_fingerprint(source, config, windows, holdout, masks)
+    resumed = sink.resume_state(fingerprint) if sink is not None and hasattr(sink, "resume_state") else None
+
     with calibration_mode(out):
-        hidden, calls = capture_layer_inputs(out, layers, windows, config.batch_size)
+        hidden, calls = capture_layer_inputs(out, layers, windows, device_batch(config, windows.shape[1]))
         t_alloc = time.perf_counter()
-        if masks is not None:
+        if resumed is not None:  # the interrupted run's allocation, exactly
+            allocation = Allocation({(int(i), k): float(v) for i, k, v in resumed["allocation"]["keep"]},
+                                    resumed["allocation"]["info"])
+            gen.set_state(torch.tensor(resumed["rng"], dtype=torch.uint8))
+        elif masks is not None:
             if len(masks.layers) != len(layers):
                 raise ValueError(f"masks plan has {len(masks.layers)} layers, the model {len(layers)}")
             allocation = allocate(config.replace(allocation="uniform", rho=1.0), adapter, out, layers, dense_layer, hidden,
@@ -363,27 +384,80 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
         xp = hidden
         pruner = LayerPruner(config, adapter, device, dtype, gen)
         plans: list[LayerPlan] = []
+        done = {} if resumed is None else {e["index"]: LayerPlan(**e) for e in resumed["layers"]}
+        saved_alloc = {"keep": [[i, k, v] for (i, k), v in allocation.keep.items()], "info": allocation.info}
         bar = tqdm(range(len(layers)), desc="pruning", disable=not progress, unit="layer")
         for i in bar:
-            bar.set_description(f"pruning layer {i}")
-            fixed = masks.layers[i] if masks is not None else None
-            new_layer, lp, xd_next, xp = pruner.prune(i, dense_layer(i), xd, xp, calls[i], budget, fixed)
+            if i in done:  # finished before an interruption: reload it and move both streams past it
+                bar.set_description(f"replaying layer {i}")
+                lp = done[i]
+                new_layer, xd_next, xp = _replay_layer(adapter, dense_layer(i), lp, sink.layer_path(i), prefix, xd,
+                                                       xp, calls[i], device, dtype)
+            else:
+                bar.set_description(f"pruning layer {i}")
+                fixed = masks.layers[i] if masks is not None else None
+                new_layer, lp, xd_next, xp = pruner.prune(i, dense_layer(i), xd, xp, calls[i], budget, fixed)
+                lp.rule = _rule_label(alloc_info)
+                imp = alloc_info.get("importance", {})
+                lp.importance = {k: imp[f"{i}.{k}"] for k in ("attn", "mlp") if f"{i}.{k}" in imp}
             layers[i] = new_layer
+            plans.append(lp)
             if sink is not None:
-                sink.write_layer(i, prefix, new_layer)
+                if i not in done:
+                    sink.write_layer(i, prefix, new_layer)
+                    if hasattr(sink, "record"):
+                        sink.record(fingerprint, saved_alloc, [asdict(p) for p in plans], gen.get_state().tolist())
                 if sink.release:
                     layers[i] = new_layer.to("meta")
             xd = xd_next if xd is not None else None
-            lp.rule = _rule_label(alloc_info)
-            imp = alloc_info.get("importance", {})
-            lp.importance = {k: imp[f"{i}.{k}"] for k in ("attn", "mlp") if f"{i}.{k}" in imp}
-            plans.append(lp)
             log.info("layer %d: heads %d/%d kv %d/%d neurons %d/%d %s", i, len(lp.kept_heads),
                      lp.dense_shape["num_heads"], len(lp.kept_kv_heads), lp.dense_shape["num_kv_heads"],
                      len(lp.kept_neurons), lp.dense_shape["intermediate_size"],
                      {k: {m: round(v, 5) for m, v in d.items()} for k, d in lp.recon.items()})
     return finish(source.config, out, adapter, config, plans, dense_params, total_dense, alloc_info,
                   {"prune_seconds": time.perf_counter() - t0})
+
+
+def run_fingerprint(source: LayerSource, config: PruneConfig, windows: torch.Tensor, holdout: torch.Tensor | None,
+                    masks: PrunePlan | None) -> str:
+    """Identity of a run for resuming: model (config and location), configuration (the device
+    aside), calibration and held-back windows, replayed masks."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in config.to_dict().items() if k != "device"}
+    model_cfg = source.config.to_dict() if hasattr(source.config, "to_dict") else {}
+    h.update(json.dumps([cfg, model_cfg, str(getattr(source, "folder", "")), str(source.dtype)], sort_keys=True, default=str).encode())
+    for t in (windows, holdout):
+        if t is not None:
+            h.update(t.cpu().contiguous().numpy().tobytes())
+    if masks is not None:
+        h.update(json.dumps([lp.kept_neurons + lp.kept_heads for lp in masks.layers]).encode())
+    return h.hexdigest()
+
+
+def _replay_layer(adapter: Adapter, host_layer: nn.Module, lp: LayerPlan, path: Any, prefix: str,
+                  xd: list[torch.Tensor] | None, xp: list[torch.Tensor], call: tuple, device: torch.device,
+                  dtype: torch.dtype) -> tuple[nn.Module, list[torch.Tensor] | None, list[torch.Tensor]]:
+    """A finished layer of an interrupted run: its dense copy sliced to the plan and loaded from
+    its shard; returns (layer on the host, next dense stream, next pruned stream) exactly as the
+    original run computed them."""
+    from safetensors.torch import load_file
+
+    layer = copy.deepcopy(host_layer)
+    dense = adapter.layer_shape(layer)
+    if (lp.shape.num_heads, lp.shape.num_kv_heads) != (dense.num_heads, dense.num_kv_heads):
+        adapter.slice_heads(layer, torch.tensor(lp.kept_heads), torch.tensor(lp.kept_kv_heads))
+    if lp.shape.intermediate_size != dense.intermediate_size:
+        adapter.slice_neurons(layer, torch.tensor(lp.kept_neurons))
+    head = f"{prefix}.{lp.index}."
+    layer.load_state_dict({k[len(head):]: v for k, v in load_file(str(path)).items()}, strict=True)
+    call = to_device(call, device, dtype)
+    run = device_copy(layer, device, dtype)
+    xp_next = [run_layer(run, x.to(device, dtype), call).float().cpu() for x in xp]
+    xd_next = None
+    if xd is not None:
+        ref = device_copy(host_layer, device, dtype)
+        xd_next = [run_layer(ref, x.to(device, dtype), call).float().cpu() for x in xd]
+    return layer, xd_next, xp_next
 
 
 def _rule_label(info: dict[str, Any]) -> str:
