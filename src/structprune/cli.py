@@ -54,6 +54,8 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
     p.add_argument("--admm-alpha", type=float, default=None, help="ADMM producer-fit penalty")
     p.add_argument("--admm-beta", type=float, default=None, help="ADMM output-fit penalty")
     p.add_argument("--admm-gamma", type=float, default=None, help="ADMM activation-consistency penalty")
+    p.add_argument("--admm-sgd-steps", type=int, default=None,
+                   help="ADMM producer update by this many gradient steps instead of the Cholesky solve (0)")
     p.add_argument("--target", choices=TARGETS, default=None,
                    help="re-fit target: local (dense layer on the pruned inputs, default) or dense (dense-model outputs)")
     p.add_argument("--out", default=None, help="output folder for the pruned model")
@@ -71,6 +73,7 @@ def _config(args: argparse.Namespace) -> Any:
         reconstruction=args.reconstruction, target=args.target, device=args.device, dtype=args.dtype,
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
+        admm_sgd_steps=args.admm_sgd_steps,
         chunk_tokens=args.chunk_tokens)
 
 

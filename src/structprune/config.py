@@ -86,6 +86,7 @@ class PruneConfig:
     admm_alpha: float = 1.0
     admm_beta: float = 10.0
     admm_gamma: float = 1.0
+    admm_sgd_steps: int = 0
     chunk_tokens: int = 8192
     flap_standardise: str = "layer"
     device: str = "auto"
@@ -128,6 +129,8 @@ class PruneConfig:
                 rho = -1.0
             _check(rho >= 0, "rho", self.rho, "use 'auto' or a number >= 0 (attention/MLP pruning ratio)")
         _check(self.admm_iters >= 0, "admm_iters", self.admm_iters, "must be >= 0")
+        _check(self.admm_sgd_steps >= 0, "admm_sgd_steps", self.admm_sgd_steps,
+               "must be >= 0 (0: closed-form producer solves)")
         for name in ("admm_alpha", "admm_beta", "admm_gamma"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "ADMM penalties must be positive")
         _check(self.chunk_tokens >= 16, "chunk_tokens", self.chunk_tokens, "must be >= 16")

@@ -197,7 +197,8 @@ class LayerPruner:
         res = admm_mlp(x, y, [get_weight(m) for m in prods], [get_bias(m) for m in prods],
                        get_weight(ad.down_proj(dense)), get_bias(ad.down_proj(dense)), keep,
                        act=ad.mlp_activation(), gated=ad.gated, iters=cfg.admm_iters, alpha=cfg.admm_alpha,
-                       beta=cfg.admm_beta, gamma=cfg.admm_gamma, damp=cfg.damp, chunk_tokens=cfg.chunk_tokens)
+                       beta=cfg.admm_beta, gamma=cfg.admm_gamma, damp=cfg.damp, chunk_tokens=cfg.chunk_tokens,
+                       sgd_steps=cfg.admm_sgd_steps)
         for m, w, b in zip(ad.mlp_producers(pruned), res.producers, res.producer_biases):
             set_weight(m, w, b)
         set_weight(ad.down_proj(pruned), res.consumer, res.consumer_bias)
