@@ -81,3 +81,91 @@ def test_heavy_damping_never_worse_than_slicing():
     for damp in (1e-3, 1.0, 100.0):
         _, _, errs = refit_consumer(w, b, acc, torch.tensor([0, 1, 2, 5, 8]), damp)
         assert errs["error"] <= errs["error_none"] * (1 + 1e-9)
+
+
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+
+
+def test_single_stream_keeps_one_matrix_and_splits_exactly_when_a_dense_stream_arrives():
+    xd, xp, _, _ = _problem(3)
+    acc = GramAccumulator(12)
+    acc.add_batch(xp[:200])
+    assert acc.single_stream and acc.cross is acc.gram and acc.gram_d is acc.gram
+    acc.add_batch(xp[200:], xd[200:])  # the streams part after the first batch
+    assert not acc.single_stream and acc.cross is not acc.gram and acc.gram_d is not acc.gram
+    acc.add_batch(xp[:50])  # single-stream batch after the split: its dense input is x_p
+    p, d = _augment(torch.cat([xp, xp[:50]])), _augment(torch.cat([xp[:200], xd[200:], xp[:50]]))
+    for got, ref in ((acc.gram, p.T @ p), (acc.cross, d.T @ p), (acc.gram_d, d.T @ d)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(acc.gram, acc.gram.T, rtol=0, atol=0)  # mirrored blocks: exactly symmetric
+
+
+def test_blocked_accumulation_equals_one_product():
+    _, xp, _, _ = _problem(4, n=40, tokens=300)
+    small, big = GramAccumulator(40), GramAccumulator(40)
+    small.block_elems = 41 * 3  # three rows per block, and a ragged last block
+    small.add_batch(xp)
+    big.add_batch(xp)
+    torch.testing.assert_close(small.gram, big.gram, rtol=1e-6, atol=1e-4)
+
+
+def _plain_refit(w, b, g, count, keep, damp):
+    """The general formula on the same sums G: W' (G_KK + lam I) = W G[:, K] + lam W_K, and
+    errors (W G W^T - 2 W G[:, K] W'^T + W' G_KK W'^T) / count with the dense [n, n] product."""
+    cols = torch.cat([keep, torch.tensor([w.shape[1]])]) if b is not None else keep
+    w_aug = torch.cat([w, (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype))[:, None]], dim=1)
+    rhs = w_aug @ g[:, cols]
+    sol = damped_cholesky_solve(g[cols][:, cols], rhs, damp, prior=w_aug[:, cols])
+    dense = (w_aug @ g * w_aug).sum()
+
+    def err(wn):
+        return float((dense - 2 * (rhs * wn).sum() + (wn @ g[cols][:, cols] * wn).sum()) / count)
+
+    return sol, err(w_aug[:, cols]), err(sol)
+
+
+def test_single_stream_refit_equals_the_general_formula():
+    """The cheap single-stream path (W_K + Delta, errors without the dense [n, n] product) gives
+    the same weights and errors as the general formula, dead column and heavy damping included."""
+    _, x, w, b = _problem(5, n=16, out=6)
+    x = x.clone()
+    x[:, 3] = 0.0  # dead input, kept
+    keep = torch.tensor([0, 2, 3, 5, 6, 9, 12, 15])
+    for bias in (b, None):
+        for damp in (1e-6, 0.01, 10.0):
+            acc = GramAccumulator(16)
+            acc.add_batch(x[:150])
+            acc.add_batch(x[150:])
+            new_w, new_b, errs = refit_consumer(w, bias, acc, keep, damp)
+            ref, ref_none, ref_err = _plain_refit(w, bias, acc.gram, acc.count, keep, damp)
+            got = new_w if bias is None else torch.cat([new_w, new_b[:, None]], dim=1)
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+            assert abs(errs["error_none"] - ref_none) <= 1e-6 * ref_none
+            assert abs(errs["error"] - ref_err) <= 1e-6 * ref_none
+            assert errs["error"] <= errs["error_none"]
+            assert torch.all(new_w[:, 2] == 0)  # the dead column
+
+
+def test_two_stream_refit_errors_equal_direct_errors():
+    xd, xp, w, b = _problem(6)
+    keep = torch.tensor([1, 2, 4, 7, 8, 10])
+    acc = GramAccumulator(12)
+    acc.add_batch(xp, xd)
+    for damp in (1e-3, 1.0):
+        new_w, new_b, errs = refit_consumer(w, b, acc, keep, damp)
+        target = xd @ w.T + b
+        direct = ((xp[:, keep] @ new_w.T + new_b - target) ** 2).sum(1).mean()
+        assert abs(errs["error"] - float(direct)) < 1e-4 * float(direct)
+
+
+def test_solve_with_reload_matches_plain_solve_after_retries():
+    from structprune.reconstruct.lstsq import _damped_solve
+
+    a = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)  # indefinite, dead
+    rhs = torch.ones(2, 3, dtype=torch.float64)
+    plain, lam = _damped_solve(a, rhs, 0.01)
+    scratch, lam2 = _damped_solve(a.clone(), rhs, 0.01, reload=a.clone)
+    torch.testing.assert_close(scratch, plain)
+    assert lam == lam2 and lam > 0.01
+    assert torch.all(plain[:, 2] == 0)

@@ -20,6 +20,7 @@ Dead columns (zero diagonal) get a unit diagonal and a zero weight.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -30,9 +31,17 @@ class GramAccumulator:
     """Running sums of x~_p x~_p^T, x~_d x~_p^T and x~_d x~_d^T, kept in float64.
 
     `add_batch(x_p, x_d)` takes [..., n] tensors (any float dtype, same token order);
-    x_d defaults to x_p (a single stream). With full=False only the per-column sums and
-    sums of squares of x_p are kept (enough for scores; no re-fit), at a fraction of the cost.
+    x_d defaults to x_p (a single stream). While every batch is single-stream the three sums
+    are equal and one (n+1)^2 matrix holds them: `cross` and `gram_d` are then the same tensor
+    as `gram` (read them, never add to them). The first batch with an x_d splits them.
+    With full=False only the per-column sums and sums of squares of x_p are kept (enough for
+    scores; no re-fit), at a fraction of the cost.
+
+    Memory: (n+1)^2 float64 (three times that once two streams were seen), plus a float32
+    product block of at most `block_elems` elements per batch.
     """
+
+    block_elems = 1 << 24  # float32 elements (64 MiB) of one product block in add_batch
 
     def __init__(self, n: int, device: torch.device | str = "cpu", full: bool = True) -> None:
         self.n = n
@@ -43,14 +52,47 @@ class GramAccumulator:
         m = n + 1
         shape = (m, m) if full else (0, 0)
         self.gram = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.gram_d = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._cross: torch.Tensor | None = None  # None: single stream, equal to gram
+        self._gram_d: torch.Tensor | None = None
+
+    @property
+    def single_stream(self) -> bool:
+        """True while no batch came with a separate dense-stream input (C = D = G)."""
+        return self._cross is None
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """C = sum x~_d x~_p^T, [n+1, n+1] float64 (the `gram` tensor itself while single-stream)."""
+        return self.gram if self._cross is None else self._cross
+
+    @property
+    def gram_d(self) -> torch.Tensor:
+        """D = sum x~_d x~_d^T, [n+1, n+1] float64 (the `gram` tensor itself while single-stream)."""
+        return self.gram if self._gram_d is None else self._gram_d
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
 
+    def _rows(self) -> int:
+        return max(1, self.block_elems // (self.n + 1))
+
+    def _add_sym(self, acc: torch.Tensor, x: torch.Tensor) -> None:
+        """acc += x^T x, formed in float32 blocks of rows on and right of the diagonal, mirrored."""
+        m, step = x.shape[1], self._rows()
+        for i in range(0, m, step):
+            j = min(i + step, m)
+            blk = x[:, i:j].T @ x[:, i:]  # [j - i, m - i] float32
+            acc[i:j, i:] += blk
+            acc[j:, i:j] += blk[:, j - i:].T
+
+    def _add_cross(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """acc += a^T b in float32 row blocks."""
+        step = self._rows()
+        for i in range(0, a.shape[1], step):
+            acc[i:i + step] += a[:, i:i + step].T @ b
+
     def add_batch(self, x_p: torch.Tensor, x_d: torch.Tensor | None = None) -> None:
-        """Products are formed in float32 per batch (BLAS speed) and summed in float64."""
+        """Products are formed in float32 per block (BLAS speed) and summed in float64."""
         x = x_p.reshape(-1, self.n).to(self.col_sum.device, torch.float32)
         self.count += x.shape[0]
         self.col_sum += x.sum(0).double()
@@ -58,17 +100,20 @@ class GramAccumulator:
         if not self.full:
             return
         xp = self._augment(x)
-        g = (xp.T @ xp).double()
-        self.gram += g
         if x_d is None:
-            self.gram_d += g
-            self.cross += g
+            self._add_sym(self.gram, xp)
+            if self._cross is not None:  # two streams already: this batch's dense input is x_p
+                self._add_sym(self._gram_d, xp)
+                self._add_sym(self._cross, xp)
             return
         xd = self._augment(x_d.reshape(-1, self.n).to(self.col_sum.device, torch.float32))
         if xd.shape != xp.shape:
             raise ValueError(f"dense and pruned inputs differ in shape: {tuple(xd.shape)} vs {tuple(xp.shape)}")
-        self.gram_d += (xd.T @ xd).double()
-        self.cross += (xd.T @ xp).double()
+        if self._cross is None:  # the streams part: the sums so far were equal
+            self._cross, self._gram_d = self.gram.clone(), self.gram.clone()
+        self._add_sym(self.gram, xp)
+        self._add_sym(self._gram_d, xd)
+        self._add_cross(self._cross, xd, xp)
 
     @property
     def input_norm(self) -> torch.Tensor:
@@ -96,16 +141,20 @@ def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float,
     lambda = damp * mean(diag(A)); a failed factorisation grows the damping tenfold (at most
     four times) and logs it. Dead columns of A (zero diagonal) get zero weight. Float64.
     """
+    return _damped_solve(a, rhs, damp, prior)[0]
+
+
+def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float, prior: torch.Tensor | None = None,
+                  reload: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+    """damped_cholesky_solve, also returning the lambda finally used. Memory: A plus one [n, n]
+    factor, or with `reload` (a function that rebuilds A for a retry) only the factor: A is then
+    the caller's scratch copy and is overwritten."""
     a = a.to(torch.float64)
     rhs = rhs.to(torch.float64)
     prior = None if prior is None else prior.to(torch.float64)
-    n = a.shape[0]
     dead = torch.diagonal(a) <= 0
     if dead.any():
-        a = a.clone()
-        a[dead, :] = 0
-        a[:, dead] = 0
-        a[dead, dead] = 1.0
+        a = _undead(a if reload else a.clone(), dead)
         rhs = rhs.clone()
         rhs[:, dead] = 0
         if prior is not None:
@@ -113,16 +162,29 @@ def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float,
             prior[:, dead] = 0
     scale = torch.diagonal(a).mean().clamp_min(1e-12)
     lam = damp * scale
-    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    info = torch.empty((), dtype=torch.int32, device=a.device)
     for attempt in range(5):
-        chol, info = torch.linalg.cholesky_ex(a + lam * eye)
+        if reload is None:
+            chol = a.clone()
+        elif attempt == 0:
+            chol, a = a, None  # the caller's scratch copy becomes the factor
+        else:
+            chol = reload().to(torch.float64)
+            if dead.any():
+                _undead(chol, dead)
+        torch.diagonal(chol).add_(lam)
+        # In place and without LAPACK's column-major copy: the transposed view of the symmetric
+        # matrix is column-major, factored as upper U with A = U^T U.
+        upper = chol.mT
+        torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
         if int(info) == 0:
             b = rhs if prior is None else rhs + lam * prior
-            sol = torch.cholesky_solve(b.T, chol).T
+            sol = torch.cholesky_solve(b.T, upper, upper=True).T
             if torch.isfinite(sol).all():
                 if attempt:
                     log.warning("least squares needed %dx the requested damping to factorise", 10**attempt)
-                return sol
+                return sol, float(lam)
+        del chol, upper
         lam = lam * 10
     raise FloatingPointError("least-squares solve failed even with 10^4 x damping: degenerate calibration data")
 
@@ -141,6 +203,22 @@ def _augmented(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.de
     return torch.cat([w, b], dim=1)
 
 
+def _undead(a: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """In place: zero the rows and columns of dead columns and put 1 on their diagonal."""
+    a[dead, :] = 0
+    a[:, dead] = 0
+    a[dead, dead] = 1.0
+    return a
+
+
+def _block_rows(a: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, step: int = 1024) -> torch.Tensor:
+    """a[rows][:, cols] without the [len(rows), a.shape[1]] intermediate of chained indexing."""
+    out = torch.empty(rows.numel(), cols.numel(), dtype=a.dtype, device=a.device)
+    for i in range(0, rows.numel(), step):
+        out[i:i + step] = a[rows[i:i + step]][:, cols]
+    return out
+
+
 def refit_consumer(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -156,28 +234,71 @@ def refit_consumer(
     A module without a bias gets none (no compensation is possible without changing the model).
     The damping pulls towards the sliced weights, so the re-fit's error never exceeds theirs.
     A non-finite solve falls back to the sliced weights and is logged. Runs on the statistics' device.
+
+    Single stream (C = D = G; R = the removed columns): with M = W_R G[R, K] the system
+    W' (G_KK + lam I) = W G[:, K] + lam W_K becomes W' = W_K + Delta, Delta (G_KK + lam I) = M, and
+    error_none = tr(W_R G_RR W_R^T), error = error_none - <M, Delta> - lam <Delta, Delta> (per token).
+    Cost O(out n |R| + |K|^3 + out |K|^2) instead of O(out n^2); memory G plus one [|K|, |K|] factor.
     """
     dev = stats.gram.device
     cols = _columns(keep, stats.n, bias is not None, dev)
-    w_aug = _augmented(weight, bias, dev)
-    sliced = w_aug[:, cols]
-    g_kk = stats.gram[cols][:, cols]
-    rhs = w_aug @ stats.cross[:, cols]  # W C[:, K]: also the cross term of both errors
-    sol = damped_cholesky_solve(g_kk, rhs, damp, prior=sliced)
-    if not torch.isfinite(sol).all():
-        log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
-        sol = sliced
-    dense = (w_aug @ stats.gram_d * w_aug).sum()
     count = max(stats.count, 1)
-
-    def error(w_new: torch.Tensor) -> float:
-        return float(((dense - 2 * (rhs * w_new).sum() + (w_new @ g_kk * w_new).sum()) / count).clamp_min(0))
-
-    errors = {"error_none": error(sliced), "error": error(sol)}
+    refit = _refit_single if stats.single_stream else _refit_two_streams
+    sol, errors = refit(weight, bias, stats, cols, damp)
+    errors = {k: float(max(v / count, 0.0)) for k, v in errors.items()}
     if bias is None:
         return sol.to(weight.device, weight.dtype), None, errors
     return (sol[:, :-1].to(weight.device, weight.dtype).contiguous(),
             sol[:, -1].to(bias.device, bias.dtype).contiguous(), errors)
+
+
+def _refit_single(weight: torch.Tensor, bias: torch.Tensor | None, stats: GramAccumulator, cols: torch.Tensor,
+                  damp: float, step: int = 1024) -> tuple[torch.Tensor, dict[str, float]]:
+    """(W', summed errors) when both streams are the pruned one: see refit_consumer."""
+    g = stats.gram
+    removed = torch.ones(stats.n, dtype=torch.bool, device=g.device)
+    removed[cols[cols < stats.n]] = False
+    rem = removed.nonzero().flatten()
+    w_r = weight.detach().to(g.device)[:, rem].double()
+    m = torch.zeros(w_r.shape[0], cols.numel(), dtype=torch.float64, device=g.device)  # W_R G[R, K]
+    error_none = 0.0  # tr(W_R G_RR W_R^T)
+    for i in range(0, rem.numel(), step):  # blocks of removed rows of G: no [|R|, n] copy
+        rows = g[rem[i:i + step]]
+        m += w_r[:, i:i + step] @ rows[:, cols]
+        error_none += float(((w_r[:, i:i + step] @ rows[:, rem]) * w_r).sum())
+    del w_r
+    dead = torch.diagonal(g)[cols] <= 0
+    delta, lam = _damped_solve(_block_rows(g, cols, cols), m, damp, reload=lambda: _block_rows(g, cols, cols))
+    sliced = weight.detach().to(g.device)[:, cols[cols < stats.n]].double()
+    if bias is not None:  # the bias column is the last of `cols`
+        sliced = torch.cat([sliced, bias.detach().to(g.device, torch.float64)[:, None]], dim=1)
+    if not torch.isfinite(delta).all():
+        log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
+        return sliced, {"error_none": error_none, "error": error_none}
+    error = error_none - float((m * delta).sum()) - lam * float((delta * delta).sum())
+    del m
+    sol = delta.add_(sliced)
+    sol[:, dead] = 0  # no input ever reaches a dead column: zero weight, as the plain solve gives
+    return sol, {"error_none": error_none, "error": error}
+
+
+def _refit_two_streams(weight: torch.Tensor, bias: torch.Tensor | None, stats: GramAccumulator,
+                       cols: torch.Tensor, damp: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """(W', summed errors) for separate dense and pruned streams (the general formula)."""
+    w_aug = _augmented(weight, bias, stats.gram.device)
+    sliced = w_aug[:, cols]
+    g_kk = _block_rows(stats.gram, cols, cols)
+    rhs = w_aug @ stats.cross[:, cols]  # W C[:, K]: also the cross term of both errors
+    dense = float((w_aug @ stats.gram_d * w_aug).sum())
+    error_none = dense - 2 * float((rhs * sliced).sum()) + float((sliced @ g_kk * sliced).sum())
+    sol, lam = _damped_solve(g_kk, rhs, damp, prior=sliced)
+    del g_kk
+    if not torch.isfinite(sol).all():
+        log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
+        return sliced, {"error_none": error_none, "error": error_none}
+    # sol G_KK = rhs + lam (sliced - sol) on live columns; dead columns are zero in sol
+    quad = float(((rhs + lam * (sliced - sol)) * sol).sum())
+    return sol, {"error_none": error_none, "error": dense - 2 * float((rhs * sol).sum()) + quad}
 
 
 def reconstruction_error(
