@@ -97,3 +97,13 @@ def test_global_method_from_cli(tiny_folder, tmp_path, capsys):
                            "--no-progress")
     assert code == 0, stdout
     assert json.loads((out / "structprune_plan.json").read_text())["allocation"]["rule"] == "global-taylor"
+
+
+def test_chunk_tokens_option_reaches_the_run(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "prune", tiny_folder, "--sparsity", 0.3, "--out", out, "--calib",
+                           tmp_path / "calib.txt", "--nsamples", 8, "--seqlen", 32, "--batch-size", 8,
+                           "--chunk-tokens", 64, "--device", "cpu", "--no-progress")
+    assert code == 0, stdout
+    code, stdout, _ = _run(capsys, "info", out, "--json")
+    assert json.loads(stdout)["config"]["chunk_tokens"] == 64

@@ -56,3 +56,58 @@ def test_at_most_one_dense_layer_resident(tmp_path):
         assert src.peak == 1, (allocation, src.peak)
         assert src.loads >= 3
         assert all(not p.is_meta for p in res.model.parameters())
+
+
+class RecordingSource(TrackingSource):
+    """Also logs each layer load into a shared event list, and the batch size (windows) of every
+    forward run by a copy of a loaded layer (the hook travels with the device copies)."""
+
+    def __init__(self, *a, events: list, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.events = events
+        self.batches: list[int] = []
+
+    def layer(self, index: int):
+        layer = super().layer(index)
+        self.events.append(("load", index))
+        layer.register_forward_pre_hook(lambda _m, args: self.batches.append(args[0].shape[0]))
+        return layer
+
+
+def _recording_run(folder, tmp_path, **cfg):
+    from structprune.io import ShardWriter
+
+    events: list = []
+
+    class RecordingWriter(ShardWriter):
+        def write_layer(self, index, prefix, layer):
+            events.append(("write", index))
+            return super().write_layer(index, prefix, layer)
+
+    src = RecordingSource(folder, events=events)
+    sink = RecordingWriter(tmp_path / f"out-{len(list(tmp_path.iterdir()))}", release=True)
+    config = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", rho=1.0, **cfg)
+    res = sp.prune(src, config, calib_windows=windows(8), progress=False, sink=sink)
+    return src, events, res
+
+
+def test_layers_stream_in_and_out_one_at_a_time(tmp_path):
+    """Layer i is loaded, pruned and written to its shard before layer i + 1 is loaded."""
+    model = tiny_model("opt")
+    model.save_pretrained(tmp_path / "dense")
+    src, events, _ = _recording_run(tmp_path / "dense", tmp_path)
+    assert events == [(kind, i) for i in range(3) for kind in ("load", "write")]
+    assert src.peak == 1
+
+
+def test_chunk_tokens_bounds_the_device_batch(tmp_path):
+    """chunk_tokens caps the calibration tokens per device forward; the result is the same."""
+    model = tiny_model("opt")
+    model.save_pretrained(tmp_path / "dense")
+    full, _, ref = _recording_run(tmp_path / "dense", tmp_path, batch_size=8)
+    small, _, res = _recording_run(tmp_path / "dense", tmp_path, batch_size=8, chunk_tokens=48)
+    assert max(full.batches) == 8
+    assert max(small.batches) == 2 and sum(small.batches) == sum(full.batches)
+    assert res.plan.shapes() == ref.plan.shapes()
+    for a, b in zip(res.plan.layers, ref.plan.layers):
+        assert a.kept_neurons == b.kept_neurons and a.kept_heads == b.kept_heads

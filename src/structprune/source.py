@@ -119,23 +119,30 @@ class SafetensorsSource(LayerSource):
             self.generation_config = GenerationConfig.from_pretrained(self.folder)
         self._meta = _meta_model(self.config, dtype)
         self.prefix = layers_prefix(self._meta)
-        self._handles: dict[str, Any] = {}
 
-    def _tensor(self, key: str) -> torch.Tensor:
+    def _read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors `keys` as host copies in `self.dtype`. The files are opened for this call only:
+        a memory map kept open would leave every page read so far in this process's resident set
+        (O(model) host memory after a full pass), and a tensor of the file's dtype would still
+        point into the map, so those are copied too."""
         from safetensors import safe_open
 
-        name = self.weight_map[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(self.folder / name, framework="pt")
-        return self._handles[name].get_tensor(key)
+        out: dict[str, torch.Tensor] = {}
+        for name in dict.fromkeys(self.weight_map[k] for k in keys):
+            with safe_open(self.folder / name, framework="pt") as f:
+                for k in keys:
+                    if self.weight_map[k] == name:
+                        t = f.get_tensor(k)
+                        out[k] = t.clone() if t.dtype == self.dtype else t.to(self.dtype)
+        return out
 
     def non_layer_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k: self._tensor(k).to(self.dtype) for k in self.weight_map if not k.startswith(prefix + ".")}
+        return self._read([k for k in self.weight_map if not k.startswith(prefix + ".")])
 
     def layer(self, index: int) -> nn.Module:
         meta = get_adapter(self.config).decoder_layers(self._meta)[index]
         head = f"{self.prefix}.{index}."
-        state = {k[len(head):]: self._tensor(k).to(self.dtype) for k in self.weight_map if k.startswith(head)}
+        state = {k[len(head):]: t for k, t in self._read([k for k in self.weight_map if k.startswith(head)]).items()}
         layer = copy.deepcopy(meta)
         missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
