@@ -15,7 +15,9 @@ from typing import Any
 
 from .bench import _ppl, _texts, load_results, render
 
-STRUPRUNE_PREFIX = "structprune"
+# Methods whose per-layer allocation is worth a plot: every STRUPRUNE variant, and the
+# baselines that choose per-layer shapes themselves (FLAP's and the global Taylor ranking).
+LAYER_PLOT_PREFIXES = ("structprune", "flap", "global")
 
 
 def _plt() -> Any:
@@ -83,8 +85,9 @@ def layer_fractions(cell: dict[str, Any], shape: dict[str, int]) -> tuple[list[f
 
 
 def layers_png(results: dict[str, Any], path: Path, folder: Path) -> bool:
-    """Per-layer kept fraction of attention and MLP for each STRUPRUNE variant cell; False if none."""
-    cells = {k: c for k, c in results["cells"].items() if c["method"].startswith(STRUPRUNE_PREFIX)}
+    """Per-layer kept fraction of attention and MLP for each STRUPRUNE variant (and adaptive
+    baseline) cell; False if there is none."""
+    cells = {k: c for k, c in results["cells"].items() if c["method"].startswith(LAYER_PLOT_PREFIXES)}
     if not cells:
         return False
     plt = _plt()
