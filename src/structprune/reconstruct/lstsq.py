@@ -179,7 +179,10 @@ def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float, prior: torch.
         torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
         if int(info) == 0:
             b = rhs if prior is None else rhs + lam * prior
-            sol = torch.cholesky_solve(b.T, upper, upper=True).T
+            # X U^T U = B as two triangular solves (cholesky_solve would copy the factor)
+            y = torch.linalg.solve_triangular(upper, b, upper=True, left=False)
+            sol = torch.linalg.solve_triangular(upper.mT, y, upper=False, left=False)
+            del y
             if torch.isfinite(sol).all():
                 if attempt:
                     log.warning("least squares needed %dx the requested damping to factorise", 10**attempt)
