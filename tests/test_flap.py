@@ -42,12 +42,12 @@ def test_compensation_is_removed_columns_times_mean():
     assert torch.equal(compensation(w, mean, torch.tensor([], dtype=torch.long)), torch.zeros(5, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("sparsity", [0.2, 0.5])
-def test_flap_every_family_meets_sparsity(family, sparsity):
+@pytest.mark.parametrize("sparsity,square", [(0.2, False), (0.5, False), (0.5, True)])
+def test_flap_every_family_meets_sparsity(family, sparsity, square):
     model = tiny_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = sp.prune(model, method_config("flap", sparsity=sparsity, device="cpu"), calib_windows=windows(8),
-                   progress=False)
+    cfg = method_config("flap", sparsity=sparsity, device="cpu", flap_square_attention=square)
+    res = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
     assert abs(res.plan.actual_sparsity - sparsity) < 0.03
     assert torch.isfinite(logits(res.model, windows(2, seed=7))).all()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched

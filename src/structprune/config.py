@@ -61,6 +61,9 @@ class PruneConfig:
         With allocation "flap" (no re-fit) the bias gains W[:, removed] @ mean(x[removed]).
     flap_standardise: FLAP's score standardisation, per "layer" and module (the reference
         code) or per module "kind" over all layers.
+    flap_square_attention: square the attention column scores once more before standardising,
+        as FLAP's reference code does; the paper's metric (default, False) does not. On
+        SmolLM2-135M at 50% (16 x 512 calibration) the paper's metric gives 469 against 979.
     """
 
     sparsity: float = 0.3
@@ -89,6 +92,7 @@ class PruneConfig:
     admm_sgd_steps: int = 0
     chunk_tokens: int = 8192
     flap_standardise: str = "layer"
+    flap_square_attention: bool = False
     device: str = "auto"
     dtype: str = "float32"
 
