@@ -48,6 +48,34 @@ def dense_forward_seconds(model: torch.nn.Module, windows: torch.Tensor, device:
             torch.cuda.empty_cache()
 
 
+def streamed_forward_seconds(folder: str, windows: torch.Tensor, device: torch.device, dtype: str,
+                             batch_size: int = 8) -> float:
+    """The same reference for a model larger than host memory: one dense forward pass of the
+    calibration set, one decoder layer at a time from the safetensors files (embeddings plus
+    every layer's forward on `device`; loading and copying the layers is not timed)."""
+    from structprune.arch import get_adapter
+    from structprune.source import SafetensorsSource, skeleton
+    from structprune.streaming import calibration_mode, capture_layer_inputs, device_copy, run_layer, to_device
+
+    source = SafetensorsSource(folder, getattr(torch, dtype))
+    model = skeleton(source)
+    layers = get_adapter(model.config).decoder_layers(model)
+    with torch.no_grad(), calibration_mode(model):
+        t0 = time.perf_counter()
+        hidden, calls = capture_layer_inputs(model, layers, windows, batch_size)
+        seconds = time.perf_counter() - t0
+        for i in range(len(layers)):
+            layer = device_copy(source.layer(i), device, getattr(torch, dtype))
+            call = to_device(calls[i], device, getattr(torch, dtype))
+            _sync(device)
+            t0 = time.perf_counter()
+            hidden = [run_layer(layer, h.to(device, getattr(torch, dtype)), call) for h in hidden]
+            _sync(device)
+            seconds += time.perf_counter() - t0
+            del layer
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
@@ -60,16 +88,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--reference-only", action="store_true", help="time the dense forward pass only")
+    p.add_argument("--streamed", action="store_true",
+                   help="with --reference-only: stream the reference forward one layer at a time (the whole "
+                        "model is never loaded: for models larger than host memory)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     cfg = PruneConfig(sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       batch_size=args.batch_size, calib=args.calib, device=args.device, dtype=args.dtype)
     device = resolve_device(args.device)
+    if args.streamed:
+        if not args.reference_only:
+            raise SystemExit("--streamed needs --reference-only: the global baseline holds the whole model")
+        from transformers import AutoTokenizer
+
+        windows = calibration_data(AutoTokenizer.from_pretrained(args.model), cfg)
+        result: dict = {"reference_forward_seconds": streamed_forward_seconds(args.model, windows, device, args.dtype),
+                        "reference": "streamed", "device": str(device), "dtype": args.dtype}
+        result["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print("result=" + json.dumps(result), flush=True)
+        return 0
     model, tok = load_model(args.model, args.dtype)
     windows = calibration_data(tok, cfg)
-    result: dict = {"reference_forward_seconds": dense_forward_seconds(model, windows, device),
-                    "device": str(device), "dtype": args.dtype}
+    result = {"reference_forward_seconds": dense_forward_seconds(model, windows, device),
+              "device": str(device), "dtype": args.dtype}
     if not args.reference_only:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -7,9 +7,13 @@ run the global baseline through benchmarks/_global_runner.py (which also times t
 one dense forward pass of the calibration set on the same device), then `structprune prune`
 through benchmarks/_cli_runner.py. Every run is a subprocess; its peak host RSS is its own
 getrusage(ru_maxrss), its peak accelerator memory torch.cuda.max_memory_allocated().
-Sizes that do not fit the free disk or host memory are skipped and said so.
+Sizes that do not fit the free disk or host memory are skipped and said so. Where the global
+baseline is skipped, the reference forward pass is streamed one layer at a time from the files
+(same arithmetic; the whole model never needs to fit in host memory).
 
-    python benchmarks/memory.py --sizes 125m 350m 1.3b --nsamples 2 --seqlen 128
+    OMP_NUM_THREADS=1 python benchmarks/memory.py --sizes 125m 350m 1.3b --nsamples 4 --seqlen 256
+    python benchmarks/memory.py --sizes 6.7b --methods structprune --force --reconstruction none --out OUT2
+    python benchmarks/memory.py --merge OUT1.json OUT2.json      # one table and plot from separate runs
     python benchmarks/memory.py --quick
     python benchmarks/memory.py --sizes 1.3b 6.7b --device cuda --dtype float16 --out benchmarks/results/memory_cuda
 
@@ -240,14 +244,15 @@ def measure_global(folder: Path, args: argparse.Namespace, calib: Path, env: dic
     cmd = [sys.executable, str(BENCH / "_global_runner.py"), str(folder), "--calib", str(calib),
            "--sparsity", str(args.sparsity), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
            "--device", args.device, "--dtype", args.dtype, "--batch-size", "1"]
-    if reference_only:
-        cmd.append("--reference-only")
+    if reference_only:  # streamed: the whole model need not fit in host memory
+        cmd += ["--reference-only", "--streamed"]
     rc, text, wall = run(cmd, env, logs / f"{folder.name}-global.log")
     found = re.findall(r"^result=(\{.*\})\s*$", text, flags=re.M)
     if rc != 0 or not found:
         return {"status": _failure(rc, text), "wall_seconds": wall}
     res = json.loads(found[-1])
     return {"status": "ok", "wall_seconds": wall, "seconds": res.get("prune_seconds"),
+            "reference": res.get("reference", "in memory"),
             "reference_seconds": res["reference_forward_seconds"], "cuda_peak_bytes": res.get("cuda_peak_bytes"),
             "host_peak_rss_bytes": res["host_peak_rss_bytes"], "actual_sparsity": res.get("actual_sparsity")}
 
@@ -257,7 +262,7 @@ def measure_structprune(folder: Path, args: argparse.Namespace, calib: Path, env
     cmd = [sys.executable, str(BENCH / "_cli_runner.py"), "prune", str(folder), "--sparsity", str(args.sparsity),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calib", str(calib),
            "--out", str(out), "--overwrite", "--device", args.device, "--dtype", args.dtype, "--no-progress",
-           "--log-level", "WARNING"]
+           "--log-level", "WARNING"] + (["--reconstruction", args.reconstruction] if args.reconstruction else [])
     rc, text, wall = run(cmd, env, logs / f"{folder.name}-structprune.log")
     row: dict = {"wall_seconds": wall, "host_peak_rss_bytes": parse_int(text, "host_peak_rss_bytes"),
                  "cuda_peak_bytes": parse_int(text, "cuda_peak_bytes")}
@@ -299,7 +304,11 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, final: bool) -> No
         "host_rss": "peak RSS of the whole subprocess (load, prune, save)",
         "accelerator": "torch.cuda.max_memory_allocated over the whole CLI run; around prune_global for the baseline",
         "time": "structprune: the CLI's pruning time; global: prune_global; reference: one dense forward "
-                "pass of the calibration set (batch 8) on the same device, measured in the global runner",
+                "pass of the calibration set (batch 8) on the same device, measured in the global runner "
+                "(row field 'reference': 'in memory', or 'streamed' one layer at a time where the global "
+                "baseline was skipped; loading not timed)",
+        "reconstruction": args.reconstruction or "lstsq (CLI default)",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -329,10 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 4; --quick: 2)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 256; --quick: 128)")
     p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--reconstruction", default=None, help="structprune re-fit (default: the CLI's, lstsq)")
     p.add_argument("--cache", default="/tmp/structprune-memory", help="checkpoint cache folder")
     p.add_argument("--out", default=str(RESULTS / "memory"), help="output prefix: OUT.json and OUT.png")
     p.add_argument("--quick", action="store_true", help="small run: 125m 350m, 2 windows of 128 tokens")
     p.add_argument("--force", action="store_true", help="run sizes predicted not to fit host memory")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: join the rows of earlier runs (same settings, e.g. sizes run in "
+                        "separate processes; a later file's row replaces an earlier one of the same size and "
+                        "method) into OUT.json / OUT.png and print the table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args.sizes = args.sizes or (["125m", "350m"] if args.quick else ["125m", "350m", "1.3b"])
@@ -345,6 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype not in DTYPE_BYTES:
         raise SystemExit(f"--dtype {args.dtype!r} is invalid: choose one of {sorted(DTYPE_BYTES)} or auto")
 
+    if args.merge:
+        joined: dict[tuple, dict] = {}  # a later file's row replaces an earlier one of the same size and method
+        for f in args.merge:
+            for r in json.loads(Path(f).read_text())["rows"]:
+                joined[(r["size"], r["method"])] = r
+        write_outputs(sorted(joined.values(), key=lambda r: (r["params"], r["method"])), args, final=True)
+        return 0
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     logs = cache / "logs"
@@ -364,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 "layer_bytes": layer_params(specs) * DTYPE_BYTES[args.dtype]}
         folder, why = prepare_checkpoint(size, cache, tokenizer, base["model_bytes"])
         ref: float | None = None
+        ref_kind: str | None = None
         plans = {m: ("" if folder else why) for m in args.methods}
         for method in args.methods:
             need = host_need(method, base["model_bytes"], rows)
@@ -374,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("OPT-%s: global baseline%s", size, "" if not plans.get("global") else " (reference only)")
             g = measure_global(folder, args, calib, env, logs, reference_only="global" not in plans
                                or bool(plans["global"]))
-            ref = g.get("reference_seconds")
+            ref, ref_kind = g.get("reference_seconds"), g.get("reference")
             if "global" in plans and not plans["global"]:
                 rows.append({**base, "method": "global", **g, "reference_seconds": ref})
         if "global" in plans and plans["global"]:
@@ -385,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 log.warning("OPT-%s: structprune", size)
                 r = measure_structprune(folder, args, calib, env, logs, cache / f"out-{size}")
-                rows.append({**base, "method": "structprune", **r, "reference_seconds": ref})
+                rows.append({**base, "method": "structprune", **r, "reference_seconds": ref, "reference": ref_kind})
         for r in rows[-len(args.methods):]:
             log.warning("  %s %s: %s, host RSS %s MiB, accel %s MiB, %s s", size, r["method"], r["status"],
                         _mib(r.get("host_peak_rss_bytes")), _mib(r.get("cuda_peak_bytes")), r.get("seconds"))
