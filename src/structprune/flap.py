@@ -4,9 +4,9 @@ Three parts, as in the paper and its reference code (CASIA-IVA-Lab/FLAP, `prune_
 1. Fluctuation metric, on the DENSE stream (no layer is pruned while scores are gathered):
    for a consumer projection W [out, n] (o_proj for heads, down_proj for neurons) and its input
    x over all calibration tokens, column c scores Var(x_c) * ||W[:, c]||^2 (`config.scorer`,
-   "flap" by default), for heads and neurons alike as in the paper. The reference code squares
-   the attention column scores once more (`config.flap_square_attention=True`); on SmolLM2-135M
-   at 50% that gives 979 perplexity against 469 without (published: 512), so it is off.
+   "flap" by default). The reference code squares the attention column scores once more
+   (`config.flap_square_attention`, default True); the paper's formula does not. On SmolLM2-135M
+   the squared form matches the published figures at 20% and 30%, the paper's form at 50%.
 2. Adaptive structure search: column scores are standardised (zero mean, unit std) per
    layer and module kind ("layer", the reference code) or per module kind over all layers
    ("kind"); a head is the mean of its columns' standardised scores. All heads and neurons
