@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .arch import Adapter, get_adapter
 from .config import PruneConfig
@@ -42,16 +41,12 @@ from .global_taylor import global_selection
 from .importance import column_scores
 from .pipeline import finish
 from .plan import LayerPlan, PrunePlan
-from .reconstruct.lstsq import GramAccumulator
+from .planning import dense_consumer_stats
 from .source import LayerSource, ModelSource, layers_prefix, skeleton
 from .streaming import (
     calibration_mode,
-    capture_input,
     capture_layer_inputs,
-    device_copy,
     resolve_device,
-    run_layer,
-    to_device,
 )
 from .surgery import get_bias, get_weight, head_columns
 
@@ -117,29 +112,14 @@ def fluctuation_pass(adapter: Adapter, source: LayerSource, hidden: list[torch.T
     collect every layer's column metrics and input means (dense stream throughout)."""
     gen = torch.Generator().manual_seed(config.seed)
     out: list[LayerFluctuation] = []
-    xs = hidden
-    for i in tqdm(range(adapter.num_layers), desc="flap: fluctuation", disable=not progress, unit="layer"):
-        layer = device_copy(source.layer(i), device, dtype)
-        call = to_device(calls[i], device, dtype)
+    for _, layer, acc_o, acc_d in dense_consumer_stats(adapter, source.layer, hidden, calls, device, dtype,
+                                                       desc="flap: fluctuation", progress=progress):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
-        acc_o = GramAccumulator(get_weight(o).shape[1], device, full=False)
-        acc_d = GramAccumulator(get_weight(down).shape[1], device, full=False)
-        nxt = []
-        for x in xs:
-            so: list[torch.Tensor] = []
-            sd: list[torch.Tensor] = []
-            with capture_input(o, so), capture_input(down, sd):
-                y = run_layer(layer, x.to(device, dtype), call)
-            acc_o.add_batch(so[0])
-            acc_d.add_batch(sd[0])
-            nxt.append(y.float().cpu())
-        xs = nxt
         attn = column_scores(config.scorer, get_weight(o), acc_o, gen)
         out.append(LayerFluctuation(attn=attn * attn if config.flap_square_attention else attn,
                                     mlp=column_scores(config.scorer, get_weight(down), acc_d, gen),
                                     attn_mean=acc_o.input_mean.float().cpu(),
                                     mlp_mean=acc_d.input_mean.float().cpu()))
-        del layer
     return out
 
 

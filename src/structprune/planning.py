@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,13 @@ from .config import PruneConfig, temperature_value
 from .importance import column_scores, unit_scores
 from .reconstruct.lstsq import GramAccumulator
 from .selection import select_heads, select_neurons
-from .streaming import capture_input, capture_layer_inputs, device_copy, run_layer, to_device
+from .streaming import (
+    capture_input,
+    capture_layer_inputs,
+    device_copy,
+    run_layer,
+    to_device,
+)
 from .surgery import get_bias, get_weight, head_columns
 
 log = logging.getLogger(__name__)
@@ -79,21 +85,20 @@ def prunable_sparsity(config: PruneConfig, adapter: Adapter) -> float:
     return s
 
 
-def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer, adapter: Adapter,
-                    hidden: list[torch.Tensor],
-                    calls: list[tuple], config: PruneConfig, device: torch.device, dtype: torch.dtype,
-                    closed_form: bool, progress: bool = True) -> list[LayerScores]:
-    """Score every unit of every layer on the dense stream (one dense forward per layer)."""
-    gen = torch.Generator().manual_seed(config.seed)
-    out: list[LayerScores] = []
-    hd = adapter.head_dim
+def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list[torch.Tensor],
+                         calls: list[tuple], device: torch.device, dtype: torch.dtype, full: bool = False,
+                         desc: str = "statistics", progress: bool = True
+                         ) -> Iterator[tuple[int, nn.Module, GramAccumulator, GramAccumulator]]:
+    """Stream the DENSE model one layer at a time over `hidden` (the layer-0 inputs) and yield
+    (index, layer on the device, o_proj input statistics, down_proj input statistics); full=True
+    also keeps the Gram matrices. One layer is on the device at a time; its outputs feed the next."""
     xs = hidden
-    for i in tqdm(range(len(layers)), desc="importance", disable=not progress, unit="layer"):
+    for i in tqdm(range(adapter.num_layers), desc=desc, disable=not progress, unit="layer"):
         layer = device_copy(dense_layer(i), device, dtype)
         call = to_device(calls[i], device, dtype)
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
-        acc_o = GramAccumulator(get_weight(o).shape[1], device, full=closed_form)
-        acc_d = GramAccumulator(get_weight(down).shape[1], device, full=closed_form)
+        acc_o = GramAccumulator(get_weight(o).shape[1], device, full=full)
+        acc_d = GramAccumulator(get_weight(down).shape[1], device, full=full)
         nxt = []
         for x in xs:
             so: list[torch.Tensor] = []
@@ -104,6 +109,21 @@ def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseL
             acc_d.add_batch(sd[0])
             nxt.append(y.float().cpu())
         xs = nxt
+        yield i, layer, acc_o, acc_d
+        del layer
+
+
+def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer, adapter: Adapter,
+                    hidden: list[torch.Tensor],
+                    calls: list[tuple], config: PruneConfig, device: torch.device, dtype: torch.dtype,
+                    closed_form: bool, progress: bool = True) -> list[LayerScores]:
+    """Score every unit of every layer on the dense stream (one dense forward per layer)."""
+    gen = torch.Generator().manual_seed(config.seed)
+    out: list[LayerScores] = []
+    hd = adapter.head_dim
+    for _, layer, acc_o, acc_d in dense_consumer_stats(adapter, dense_layer, hidden, calls, device, dtype,
+                                                       full=closed_form, desc="importance", progress=progress):
+        o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         scores = LayerScores(
             heads=unit_scores(column_scores(config.scorer, get_weight(o), acc_o, gen), hd),
             neurons=column_scores(config.scorer, get_weight(down), acc_d, gen),
@@ -112,7 +132,6 @@ def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseL
             scores.heads_cf = _cf(o, acc_o, [head_columns(torch.tensor([h]), hd) for h in range(scores.heads.numel())])
             scores.neurons_cf = _cf(down, acc_d, [torch.tensor([j]) for j in range(scores.neurons.numel())])
         out.append(scores)
-        del layer
     return out
 
 
