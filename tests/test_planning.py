@@ -49,3 +49,21 @@ def test_relative_temperature_is_a_multiple_of_the_score_scale():
     assert [lp.kept_neurons for lp in same.plan.layers] == [lp.kept_neurons for lp in rel.plan.layers]
     with pytest.raises(ValueError, match="score scale"):
         sp.PruneConfig(temperature="fastx")
+
+
+def test_relative_layer_importance_divides_by_the_stream_rms():
+    """layer_importance="relative" scales each layer's importance by 1 / RMS of its input stream."""
+    model = tiny_model("llama")
+    base = dict(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation="softmax", temperature="1x")
+    raw = sp.prune(model, sp.PruneConfig(**base), calib_windows=windows(8), progress=False).plan.allocation
+    rel = sp.prune(model, sp.PruneConfig(**base, layer_importance="relative"), calib_windows=windows(8),
+                   progress=False).plan.allocation
+    assert rel["layer_importance"] == "relative" and raw["layer_importance"] == "raw"
+    ratio = {k: rel["importance"][k] / raw["importance"][k] for k in raw["importance"]}
+    by_layer = {}
+    for key, r in ratio.items():
+        by_layer.setdefault(key.split(".")[0], []).append(r)
+    assert all(max(v) == pytest.approx(min(v)) for v in by_layer.values())  # one factor per layer
+    assert len({round(v[0], 6) for v in by_layer.values()}) > 1  # and it differs between layers
+    with pytest.raises(ValueError, match="layer_importance"):
+        sp.PruneConfig(layer_importance="deep")

@@ -45,6 +45,8 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
     p.add_argument("--temperature", default=None,
                    help="softmax allocation temperature: auto (search on held-back calibration data), a number, "
                         "or a multiple of the score scale such as 0.1x")
+    p.add_argument("--layer-importance", choices=("raw", "relative"), default=None,
+                   help="softmax rules: compare layers by raw scores or relative to the residual stream's RMS")
     p.add_argument("--rho", default=None,
                    help="attention pruning ratio relative to MLP (uniform, softmax-modular): auto (default) or a number "
                         ">= 0; 0 prunes only FFN neurons")
@@ -73,7 +75,7 @@ def _config(args: argparse.Namespace) -> Any:
         reconstruction=args.reconstruction, target=args.target, device=args.device, dtype=args.dtype,
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
-        admm_sgd_steps=args.admm_sgd_steps,
+        admm_sgd_steps=args.admm_sgd_steps, layer_importance=args.layer_importance,
         chunk_tokens=args.chunk_tokens)
 
 

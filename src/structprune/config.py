@@ -9,6 +9,7 @@ from typing import Any
 ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "flap")
 FLAP_STANDARDISE = ("layer", "kind")
 RECONSTRUCTIONS = ("none", "lstsq", "admm")
+LAYER_IMPORTANCE = ("raw", "relative")
 SCORERS = ("wanda", "magnitude", "random", "flap")
 TARGETS = ("dense", "local")
 SCOPES = ("layer", "global")
@@ -54,6 +55,10 @@ class PruneConfig:
         0, 0.5 and 1 (uniform) or uses 1 (softmax-modular). On SmolLM2-135M at 30% (3 KV
         groups per layer, so attention moves in steps of a whole group) MLP-only measured
         34.6 perplexity against 44.1 for equal ratios.
+    layer_importance: how the softmax rules compare layers: "raw" (sum of Wanda-style unit
+        scores per parameter) or "relative" (the same divided by the RMS of the layer's input
+        hidden states, i.e. the layer's output relative to the residual stream it is added to;
+        raw Wanda importances grow about ten-fold with depth on SmolLM2-135M).
     damp: relative ridge damping, times mean(diag(Gram)).
     bias_compensation: where the family's config can express it (llama: attention_bias and
         mlp_bias; qwen3, gemma3: attention_bias), add zero biases so the re-fit can compensate
@@ -86,6 +91,7 @@ class PruneConfig:
     temperature: str = "auto"
     rho: float | str = "auto"
     gamma: float = 0.0
+    layer_importance: str = "raw"
     admm_iters: int = 4
     admm_alpha: float = 1.0
     admm_beta: float = 10.0
@@ -133,6 +139,8 @@ class PruneConfig:
             except (TypeError, ValueError):
                 rho = -1.0
             _check(rho >= 0, "rho", self.rho, "use 'auto' or a number >= 0 (attention/MLP pruning ratio)")
+        _check(self.layer_importance in LAYER_IMPORTANCE, "layer_importance", self.layer_importance,
+               f"choose one of {LAYER_IMPORTANCE}")
         _check(self.admm_iters >= 0, "admm_iters", self.admm_iters, "must be >= 0")
         _check(self.admm_sgd_steps >= 0, "admm_sgd_steps", self.admm_sgd_steps,
                "must be >= 0 (0: closed-form producer solves)")

@@ -112,7 +112,7 @@ def fluctuation_pass(adapter: Adapter, source: LayerSource, hidden: list[torch.T
     collect every layer's column metrics and input means (dense stream throughout)."""
     gen = torch.Generator().manual_seed(config.seed)
     out: list[LayerFluctuation] = []
-    for _, layer, acc_o, acc_d in dense_consumer_stats(adapter, source.layer, hidden, calls, device, dtype,
+    for _, layer, acc_o, acc_d, _ in dense_consumer_stats(adapter, source.layer, hidden, calls, device, dtype,
                                                        desc="flap: fluctuation", progress=progress):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         attn = column_scores(config.scorer, get_weight(o), acc_o, gen)

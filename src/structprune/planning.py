@@ -49,6 +49,7 @@ class LayerScores:
 
     heads: torch.Tensor
     neurons: torch.Tensor
+    stream_rms: float = 1.0  # RMS of the layer's input hidden states (the residual stream)
     heads_cf: torch.Tensor | None = None
     neurons_cf: torch.Tensor | None = None
 
@@ -88,10 +89,11 @@ def prunable_sparsity(config: PruneConfig, adapter: Adapter) -> float:
 def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list[torch.Tensor],
                          calls: list[tuple], device: torch.device, dtype: torch.dtype, full: bool = False,
                          desc: str = "statistics", progress: bool = True
-                         ) -> Iterator[tuple[int, nn.Module, GramAccumulator, GramAccumulator]]:
+                         ) -> Iterator[tuple[int, nn.Module, GramAccumulator, GramAccumulator, float]]:
     """Stream the DENSE model one layer at a time over `hidden` (the layer-0 inputs) and yield
-    (index, layer on the device, o_proj input statistics, down_proj input statistics); full=True
-    also keeps the Gram matrices. One layer is on the device at a time; its outputs feed the next."""
+    (index, layer on the device, o_proj input statistics, down_proj input statistics, RMS of the
+    layer's input hidden states); full=True also keeps the Gram matrices. One layer is on the
+    device at a time; its outputs feed the next."""
     xs = hidden
     for i in tqdm(range(adapter.num_layers), desc=desc, disable=not progress, unit="layer"):
         layer = device_copy(dense_layer(i), device, dtype)
@@ -100,7 +102,10 @@ def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list
         acc_o = GramAccumulator(get_weight(o).shape[1], device, full=full)
         acc_d = GramAccumulator(get_weight(down).shape[1], device, full=full)
         nxt = []
+        sq, count = 0.0, 0
         for x in xs:
+            sq += float(x.double().pow(2).sum())
+            count += x.numel()
             so: list[torch.Tensor] = []
             sd: list[torch.Tensor] = []
             with capture_input(o, so), capture_input(down, sd):
@@ -109,7 +114,7 @@ def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list
             acc_d.add_batch(sd[0])
             nxt.append(y.float().cpu())
         xs = nxt
-        yield i, layer, acc_o, acc_d
+        yield i, layer, acc_o, acc_d, (sq / max(count, 1)) ** 0.5
         del layer
 
 
@@ -121,12 +126,13 @@ def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseL
     gen = torch.Generator().manual_seed(config.seed)
     out: list[LayerScores] = []
     hd = adapter.head_dim
-    for _, layer, acc_o, acc_d in dense_consumer_stats(adapter, dense_layer, hidden, calls, device, dtype,
-                                                       full=closed_form, desc="importance", progress=progress):
+    for _, layer, acc_o, acc_d, rms in dense_consumer_stats(adapter, dense_layer, hidden, calls, device, dtype,
+                                                            full=closed_form, desc="importance", progress=progress):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         scores = LayerScores(
             heads=unit_scores(column_scores(config.scorer, get_weight(o), acc_o, gen), hd),
             neurons=column_scores(config.scorer, get_weight(down), acc_d, gen),
+            stream_rms=rms,
         )
         if closed_form:
             scores.heads_cf = _cf(o, acc_o, [head_columns(torch.tensor([h]), hd) for h in range(scores.heads.numel())])
@@ -251,6 +257,9 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         return Allocation(keep, info)
 
     unit = [scores[i].heads if k == "attn" else scores[i].neurons for i, k in keys]
+    if config.layer_importance == "relative":  # a layer's output relative to the stream it is added to
+        unit = [u / max(scores[i].stream_rms, 1e-12) for u, (i, _) in zip(unit, keys)]
+    info["layer_importance"] = config.layer_importance
     importance = alloc.normalise_importance(unit, p)
     info["importance"] = {f"{i}.{k}": v for (i, k), v in zip(keys, importance)}
     scale = alloc.score_scale(importance)
