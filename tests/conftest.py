@@ -63,3 +63,19 @@ def windows(n: int = 8, seqlen: int = 24, seed: int = 1) -> torch.Tensor:
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
+
+
+TINY_WORDS = [f"w{i}" for i in range(90)]
+
+
+def save_tiny_folder(folder) -> None:
+    """A tiny Llama checkpoint with a word-level tokenizer over TINY_WORDS, saved to `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>"] + TINY_WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    tiny_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY_WORDS, save_tiny_folder
 
 from structprune.bench import BenchSettings, load_results, render, run_quality
 from structprune.cli import main
@@ -17,17 +17,8 @@ from structprune.data import _rst_prose, load_text
 def tiny_run(tmp_path):
     """A tiny Llama folder with a word-level tokenizer, a calibration text and two evaluation texts
     (different word distributions, standing in for two domains)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(90)]
-    vocab = {w: i for i, w in enumerate(["<unk>"] + words)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tok.save_pretrained(folder)
+    words = TINY_WORDS
+    save_tiny_folder(tmp_path / "tiny")
     g = torch.Generator().manual_seed(0)
     for name, hi in (("calib", 90), ("a", 90), ("b", 30)):
         text = " ".join(words[i] for i in torch.randint(0, hi, (1500,), generator=g).tolist())

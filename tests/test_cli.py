@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY_WORDS, save_tiny_folder
 
 from structprune.cli import main
 
@@ -14,18 +14,9 @@ from structprune.cli import main
 @pytest.fixture
 def tiny_folder(tmp_path):
     """A tiny Llama checkpoint with a real tokenizer-free setup: a word-level tokenizer file."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(90)]
-    vocab = {w: i for i, w in enumerate(["<unk>"] + words)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    words = TINY_WORDS
     folder = tmp_path / "tiny"
-    model = tiny_model("llama")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_tiny_folder(folder)
     g = torch.Generator().manual_seed(0)
     text = " ".join(words[i] for i in torch.randint(0, 90, (3000,), generator=g).tolist())
     (tmp_path / "calib.txt").write_text(text)
