@@ -39,10 +39,10 @@ from .arch import Adapter, get_adapter
 from .config import PruneConfig
 from .global_taylor import global_selection
 from .importance import column_scores
-from .pipeline import finish
+from .pipeline import decoder_params, finish, open_output
 from .plan import LayerPlan, PrunePlan
 from .planning import dense_consumer_stats
-from .source import LayerSource, ModelSource, layers_prefix, skeleton
+from .source import LayerSource, ModelSource, layers_prefix
 from .streaming import (
     calibration_mode,
     capture_layer_inputs,
@@ -156,17 +156,13 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     get_adapter(source.config)
     device = resolve_device(config.device)
     dtype = source.dtype
-    out = skeleton(source)
     total_dense = source.total_params()
-    fields = get_adapter(out.config).compensation_fields() if config.bias_compensation else {}
-    for name, value in fields.items():
-        setattr(out.config, name, value)
-    adapter = get_adapter(out.config)
+    out, adapter, fields = open_output(source, config.bias_compensation)
     layers = adapter.decoder_layers(out)
     prefix = layers_prefix(out)
     shape = adapter.dense_shape()
     hd = adapter.head_dim
-    dense_params = adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
+    dense_params = decoder_params(adapter)
 
     with calibration_mode(out):
         hidden, calls = capture_layer_inputs(out, layers, windows, config.batch_size)

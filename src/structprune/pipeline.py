@@ -302,6 +302,22 @@ def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:
         pass
 
 
+def open_output(source: LayerSource, compensation: bool) -> tuple[nn.Module, Adapter, dict[str, bool]]:
+    """The output skeleton and its adapter; with `compensation`, the family's config fields that
+    give the consumer projections biases (returned, so dense layers can get zero biases too)."""
+    out = skeleton(source)
+    fields = get_adapter(out.config).compensation_fields() if compensation else {}
+    for name, value in fields.items():
+        setattr(out.config, name, value)
+    return out, get_adapter(out.config), fields
+
+
+def decoder_params(adapter: Adapter) -> int:
+    """Dense decoder linear weight parameters (attention + MLP of every layer)."""
+    shape = adapter.dense_shape()
+    return adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
+
+
 def device_batch(config: PruneConfig, seqlen: int) -> int:
     """Calibration windows per device batch: at most `batch_size`, and at most `chunk_tokens`
     tokens (never less than one window). The activations on the compute device scale with it."""
@@ -330,18 +346,11 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     device = resolve_device(config.device)
     dtype = source.dtype
     gen = torch.Generator().manual_seed(config.seed)
-    out = skeleton(source)
     total_dense = source.total_params()
-    bias_fields: dict[str, bool] = {}
-    if config.bias_compensation and config.reconstruction != "none":
-        bias_fields = get_adapter(out.config).compensation_fields()
-        for name, value in bias_fields.items():
-            setattr(out.config, name, value)
-    adapter = get_adapter(out.config)
+    out, adapter, bias_fields = open_output(source, config.bias_compensation and config.reconstruction != "none")
     layers = adapter.decoder_layers(out)
     prefix = layers_prefix(out)
-    shape = adapter.dense_shape()
-    dense_params = adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
+    dense_params = decoder_params(adapter)
 
     def dense_layer(i: int) -> nn.Module:
         layer = source.layer(i)
@@ -360,8 +369,9 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             n_hold = max(1, windows.shape[0] // 8)
             windows, holdout = windows[:-n_hold], windows[-n_hold:]
 
-    fingerprint = run_fingerprint(source, config, windows, holdout, masks)
-    resumed = sink.resume_state(fingerprint) if sink is not None and hasattr(sink, "resume_state") else None
+    resumable = sink is not None and hasattr(sink, "resume_state")
+    fingerprint = run_fingerprint(source, config, windows, holdout, masks) if resumable else ""
+    resumed = sink.resume_state(fingerprint) if resumable else None
 
     with calibration_mode(out):
         hidden, calls = capture_layer_inputs(out, layers, windows, device_batch(config, windows.shape[1]))
@@ -406,7 +416,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             if sink is not None:
                 if i not in done:
                     sink.write_layer(i, prefix, new_layer)
-                    if hasattr(sink, "record"):
+                    if resumable:
                         sink.record(fingerprint, saved_alloc, [asdict(p) for p in plans], gen.get_state().tolist())
                 if sink.release:
                     layers[i] = new_layer.to("meta")
