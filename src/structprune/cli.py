@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ALLOCATIONS, RECONSTRUCTIONS, SCORERS, TARGETS
+from .config import ALLOCATIONS, RECONSTRUCTIONS, SCORERS, SELECTIONS, TARGETS
 
 log = logging.getLogger("structprune")
 DEFAULT_MODEL = "smollm2-135m"
@@ -40,6 +40,9 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
                         "in chunks of N tokens). Default 8192; lower it to trade speed for memory")
     p.add_argument("--method", default="structprune", choices=sorted(METHODS), help="named preset")
     p.add_argument("--scorer", choices=SCORERS, default=None, help="unit importance (overrides the method)")
+    p.add_argument("--selection", choices=SELECTIONS, default=None,
+                   help="which units a module keeps: score (top scores, default) or obs (reconstruction-aware "
+                        "greedy Optimal Brain Surgeon on the Gram matrix; needs a re-fit)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None, help="per-layer budget rule")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default=None, help="weight re-fit")
     p.add_argument("--temperature", default=None,
@@ -71,7 +74,7 @@ def _config(args: argparse.Namespace) -> Any:
 
     return method_config(
         args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-        seed=args.seed, batch_size=args.batch_size, scorer=args.scorer, allocation=args.allocation,
+        seed=args.seed, batch_size=args.batch_size, scorer=args.scorer, selection=args.selection, allocation=args.allocation,
         reconstruction=args.reconstruction, target=args.target, device=args.device, dtype=args.dtype,
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,

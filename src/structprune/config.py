@@ -11,6 +11,7 @@ FLAP_STANDARDISE = ("layer", "kind")
 RECONSTRUCTIONS = ("none", "lstsq", "admm")
 LAYER_IMPORTANCE = ("raw", "relative")
 SCORERS = ("wanda", "magnitude", "random", "flap")
+SELECTIONS = ("score", "obs")
 TARGETS = ("dense", "local")
 SCOPES = ("layer", "global")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -42,7 +43,12 @@ class PruneConfig:
     chunk_tokens: the device memory knob: at most this many calibration tokens on the compute
         device at once (batches are cut to max(1, chunk_tokens // seqlen) windows; ADMM processes
         its FFN buffers in chunks of this many tokens).
-    scorer: unit importance ("wanda": |W| column norm x input-activation norm).
+    scorer: unit importance ("wanda": |W| column norm x input-activation norm). It ranks layers
+        for the allocation rules and, with selection "score", units within a module.
+    selection: how a module picks the units it keeps once its budget is set: "score" (the
+        top-scoring units) or "obs" (reconstruction-aware: greedy structured Optimal Brain
+        Surgeon on the consumer's Gram matrix, removing the units whose loss the least-squares
+        re-fit of the others can best absorb; heads by their block OBS cost). Needs a re-fit.
     allocation: how the budget is spread over layers and modules. "flap": FLAP's global
         ranking of standardised fluctuation scores (flap.py; no re-fit, reconstruction "none").
     reconstruction: how kept weights are re-fitted ("lstsq": damped least squares).
@@ -80,6 +86,7 @@ class PruneConfig:
     batch_size: int = 8
     calib: str = "wiki"
     scorer: str = "wanda"
+    selection: str = "score"
     allocation: str = "uniform"
     reconstruction: str = "lstsq"
     target: str = "local"
@@ -111,6 +118,9 @@ class PruneConfig:
         _check(self.seqlen >= 8, "seqlen", self.seqlen, "windows must be at least 8 tokens")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _check(self.scorer in SCORERS, "scorer", self.scorer, f"choose one of {SCORERS}")
+        _check(self.selection in SELECTIONS, "selection", self.selection, f"choose one of {SELECTIONS}")
+        _check(self.selection != "obs" or self.reconstruction != "none", "reconstruction", self.reconstruction,
+               "selection 'obs' chooses units for the least-squares re-fit; use reconstruction 'lstsq' or 'admm'")
         _check(self.allocation in ALLOCATIONS, "allocation", self.allocation, f"choose one of {ALLOCATIONS}")
         _check(self.reconstruction in RECONSTRUCTIONS, "reconstruction", self.reconstruction,
                f"choose one of {RECONSTRUCTIONS}")

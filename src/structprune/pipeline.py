@@ -28,7 +28,7 @@ from .importance import column_scores, unit_scores
 from .plan import LayerPlan, PrunePlan
 from .planning import Allocation, allocate, module_params, needs_holdout
 from .reconstruct.lstsq import GramAccumulator, refit_consumer
-from .selection import select_heads, select_neurons
+from .selection import neuron_count, obs_select_columns, obs_unit_costs, select_heads, select_neurons
 from .source import LayerSource, ModelSource, layers_prefix, skeleton
 from .streaming import (
     _StopForward,
@@ -142,7 +142,8 @@ class LayerPruner:
         shared_prefix: the pruned layer is still identical to the dense one up to `consumer`, so
         when both streams hold the same tensor the dense run can be skipped."""
         n = get_weight(consumer(pruned)).shape[1]
-        acc = GramAccumulator(n, device=self.device, full=self.config.reconstruction != "none")
+        acc = GramAccumulator(n, device=self.device, full=self.config.reconstruction != "none"
+                              or self.config.selection == "obs")
         dense_out: list[torch.Tensor] | None = [] if want_dense_out else None
         block_in: list[torch.Tensor] = []
         block_out: list[torch.Tensor] = []
@@ -232,7 +233,11 @@ class LayerPruner:
         if fixed is not None:  # replay a plan's masks (e.g. to compare re-fits on the same units)
             keep_q, keep_kv = torch.tensor(fixed.kept_heads), torch.tensor(fixed.kept_kv_heads)
         else:
-            keep_q, keep_kv = select_heads(head_scores, shape.num_kv_heads, target, ad.q_head_cost,
+            choose_by = head_scores
+            if cfg.selection == "obs" and target < ad.attn_params(shape):
+                o = ad.o_proj(dense)
+                choose_by = obs_unit_costs(get_weight(o), stats.gram, hd, cfg.damp, get_bias(o))
+            keep_q, keep_kv = select_heads(choose_by, shape.num_kv_heads, target, ad.q_head_cost,
                                            ad.kv_head_cost)
         actual = keep_q.numel() * ad.q_head_cost + keep_kv.numel() * ad.kv_head_cost
         budget.spent(key, target, actual)
@@ -249,8 +254,15 @@ class LayerPruner:
             block_io=admm)
         neuron_scores = column_scores(cfg.scorer, get_weight(ad.down_proj(pruned)), stats, self.gen)
         target = budget.target(key)
-        keep_n = (torch.tensor(fixed.kept_neurons) if fixed is not None
-                  else select_neurons(neuron_scores, target, ad.neuron_cost))
+        if fixed is not None:
+            keep_n = torch.tensor(fixed.kept_neurons)
+        elif cfg.selection == "obs":
+            down = ad.down_proj(dense)
+            keep_n = obs_select_columns(get_weight(down), stats.gram,
+                                        neuron_count(target, ad.neuron_cost, shape.intermediate_size), cfg.damp,
+                                        get_bias(down))
+        else:
+            keep_n = select_neurons(neuron_scores, target, ad.neuron_cost)
         budget.spent(key, target, keep_n.numel() * ad.neuron_cost)
         if keep_n.numel() < shape.intermediate_size:
             ad.slice_neurons(pruned, keep_n)

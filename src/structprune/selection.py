@@ -46,6 +46,102 @@ def select_heads(
 
 def select_neurons(scores: torch.Tensor, target_params: float, neuron_cost: int) -> torch.Tensor:
     """The top-scoring neurons whose count best meets the target; ascending indices."""
-    n = scores.numel()
-    k = int(min(n, max(1, round(target_params / neuron_cost))))
+    k = neuron_count(target_params, neuron_cost, scores.numel())
     return scores.float().topk(k).indices.sort().values
+
+
+def neuron_count(target_params: float, neuron_cost: int, n: int) -> int:
+    """Neurons kept for a parameter target: the nearest count, at least one, at most n."""
+    return int(min(n, max(1, round(target_params / neuron_cost))))
+
+
+def _damped_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """(H + lambda I)^-1 through Cholesky, lambda = damp * mean(diag H), grown tenfold (at most
+    four times) until the factorisation succeeds. H symmetric PSD float64, modified in place."""
+    lam = damp * float(torch.diagonal(h).mean().clamp_min(1e-12))
+    for _ in range(5):
+        chol, info = torch.linalg.cholesky_ex(h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            if torch.isfinite(inv).all():
+                return inv
+        lam *= 10
+    raise FloatingPointError("Gram matrix could not be factorised even with 10^4 x damping")
+
+
+def _obs_setup(weight: torch.Tensor, gram: torch.Tensor, bias: torch.Tensor | None, damp: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W~ [out, m], (G~ + lambda I)^-1 [m, m], dead [n]) in float64, where the constant input
+    column (last of the augmented Gram) joins as a never-removed column when there is a bias.
+    Dead columns (zero diagonal) get a unit diagonal and no coupling."""
+    n = weight.shape[1]
+    m = n + (bias is not None)
+    h = gram[:m, :m].to(torch.float64).clone()
+    dead = torch.diagonal(h)[:n] <= 0
+    if dead.any():
+        h[:n][dead] = 0
+        h[:, :n][:, dead] = 0
+        h[torch.arange(n, device=h.device)[dead], torch.arange(n, device=h.device)[dead]] = 1.0
+    w = weight.detach().to(h.device, torch.float64)
+    if bias is not None:
+        w = torch.cat([w, bias.detach().to(h.device, torch.float64)[:, None]], dim=1)
+    return w, _damped_inverse(h, damp), dead
+
+
+def obs_select_columns(weight: torch.Tensor, gram: torch.Tensor, keep: int, damp: float,
+                       bias: torch.Tensor | None = None, steps: int = 128) -> torch.Tensor:
+    """Reconstruction-aware choice of the `keep` input columns of a consumer W [out, n] to keep.
+
+    Greedy structured OBS (Optimal Brain Surgeon; ZipLM / SlimGPT style) on the single-stream
+    least-squares objective ||W X - W' X_K||^2 with the re-fit W' of the kept columns: removing
+    column j from the current solution costs ||W[:, j]||^2 / Hinv[j, j] (Hinv = inverse of the
+    damped Gram), after which W and Hinv are updated as if the removed column were re-fitted
+    away. Columns go in at most `steps` batches of the cheapest (each batch removed jointly), so
+    correlated columns are not all kept or all removed together as independent scores would do.
+    gram: the augmented Gram [n+1, n+1] of GramAccumulator (float64). Dead columns go first.
+    Cost: (n - keep) * (out n + n^2) multiply-adds in float64. Returns ascending kept indices.
+    """
+    n = weight.shape[1]
+    keep = int(min(n, max(1, keep)))
+    w, hinv, dead = _obs_setup(weight, gram, bias, damp)
+    alive = torch.ones(n, dtype=torch.bool, device=w.device)
+    n_remove = n - keep
+    n_dead = min(int(dead.sum()), n_remove)
+    if n_dead:  # no signal reaches them: removing them changes nothing
+        alive[dead.nonzero().flatten()[:n_dead]] = False
+    batch = max(1, -(-(n_remove - n_dead) // steps))
+    removed = n_dead
+    while removed < n_remove:
+        b = min(batch, n_remove - removed)
+        d = torch.diagonal(hinv)[:n].clamp_min(1e-30)
+        cost = (w[:, :n] ** 2).sum(0) / d
+        cost[~alive] = float("inf")
+        if not torch.isfinite(cost[alive]).all():
+            raise FloatingPointError("non-finite OBS costs; the Gram statistics are degenerate")
+        idx = cost.topk(b, largest=False).indices
+        # joint removal of idx: W -= W[:, idx] Hinv[idx, idx]^-1 Hinv[idx, :]; Hinv likewise
+        sub = hinv[idx][:, idx]
+        coupling = torch.linalg.solve(sub, hinv[idx])  # [b, m]
+        w -= w[:, idx] @ coupling
+        hinv -= hinv[:, idx] @ coupling
+        w[:, idx] = 0
+        hinv[idx, :] = 0
+        hinv[:, idx] = 0
+        hinv[idx, idx] = 1.0  # removed: no longer coupled; any positive value keeps the costs finite
+        alive[idx] = False
+        removed += b
+    return alive.nonzero().flatten().cpu()
+
+
+def obs_unit_costs(weight: torch.Tensor, gram: torch.Tensor, unit_size: int, damp: float,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per unit of `unit_size` consecutive columns (a head), the least-squares error of removing it
+    alone with the others re-fitted: tr(W_B Hinv[B, B]^-1 W_B^T) (block OBS), [n / unit_size]."""
+    n = weight.shape[1]
+    w, hinv, _ = _obs_setup(weight, gram, bias, damp)
+    costs = []
+    for start in range(0, n, unit_size):
+        blk = slice(start, start + unit_size)
+        wb = w[:, blk]
+        costs.append(float((torch.linalg.solve(hinv[blk, blk], wb.T) * wb.T).sum()))
+    return torch.tensor(costs, dtype=torch.float32)
