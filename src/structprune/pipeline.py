@@ -182,7 +182,8 @@ class LayerPruner:
         # the dense module may be the host layer itself (see prune): read in the run dtype, never modified
         w, b = get_weight(dense_module).detach().to(self.device, self.dtype), get_bias(dense_module)
         b = None if b is None else b.detach().to(self.device, self.dtype)
-        new_w, new_b, errors = refit_consumer(w, b, stats, keep_cols, self.config.damp)
+        # the statistics serve one re-fit: their Gram is freed inside it, before the factorisation
+        new_w, new_b, errors = refit_consumer(w, b, stats, keep_cols, self.config.damp, release=True)
         set_weight(module, new_w, new_b)
         return errors
 
@@ -402,6 +403,8 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             allocation = allocate(config, adapter, out, layers, dense_layer, hidden, calls, holdout, device, dtype,
                                   progress)
         alloc_info = {**allocation.info, "seconds": time.perf_counter() - t_alloc}
+        if sink is not None and sink.release and hasattr(sink, "release_rest"):
+            sink.release_rest(out, prefix)  # embeddings and head: written now, not held through the loop
         budget = _Budget(allocation.keep, module_params(adapter))
         xd: list[torch.Tensor] | None = hidden if config.target == "dense" else None
         xp = hidden

@@ -1,6 +1,9 @@
 """Damped least-squares re-fit of a consumer projection on its kept input columns.
 
-Pure maths: tensors in, tensors out, float64 statistics and solves whatever the model dtype.
+Pure maths: tensors in, tensors out, float64 solves whatever the model dtype. The Gram sums are
+float64, or float32 when one (n+1)^2 matrix would exceed `GramAccumulator.float64_max_bytes`
+(OPT-1.3B's FFN and larger: each batch's products are float32 anyway, so a float32 running sum adds
+about one rounding per batch; the kept block is solved in float64 either way).
 
 Notation (one consumer projection, e.g. o_proj or down_proj, y = W x + b). Inputs are
 augmented with a constant 1 so the bias is one more column: x~ = [x, 1], W~ = [W, b].
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class GramAccumulator:
-    """Running sums of x~_p x~_p^T, x~_d x~_p^T and x~_d x~_d^T, kept in float64.
+    """Running sums of x~_p x~_p^T, x~_d x~_p^T and x~_d x~_d^T.
 
     `add_batch(x_p, x_d)` takes [..., n] tensors (any float dtype, same token order);
     x_d defaults to x_p (a single stream). While every batch is single-stream the three sums
@@ -37,23 +40,35 @@ class GramAccumulator:
     With full=False only the per-column sums and sums of squares of x_p are kept (enough for
     scores; no re-fit), at a fraction of the cost.
 
-    Memory: (n+1)^2 float64 (three times that once two streams were seen), plus a float32
-    product block of at most `block_elems` elements per batch.
+    Precision: the per-column sums are float64; the Gram sums are `dtype` (default: float64 up to
+    `float64_max_bytes` per matrix, float32 above). `release()` frees the Gram sums once a re-fit
+    has taken what it needs (the per-column sums stay, so scores remain available).
+
+    Memory: (n+1)^2 elements of `dtype` (three times that once two streams were seen), plus a
+    float32 product block of at most `block_elems` elements per batch.
     """
 
     block_elems = 1 << 24  # float32 elements (64 MiB) of one product block in add_batch
+    float64_max_bytes = 256 << 20  # larger Gram matrices are summed in float32 (n+1 > 5792)
 
-    def __init__(self, n: int, device: torch.device | str = "cpu", full: bool = True) -> None:
+    def __init__(self, n: int, device: torch.device | str = "cpu", full: bool = True,
+                 dtype: torch.dtype | None = None) -> None:
         self.n = n
         self.count = 0
         self.full = full
         self.col_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.sq_sum = torch.zeros(n, dtype=torch.float64, device=device)
         m = n + 1
+        if dtype is None:
+            dtype = torch.float64 if m * m * 8 <= self.float64_max_bytes else torch.float32
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype={dtype} is not supported for Gram sums; use torch.float32 or torch.float64")
+        self.dtype = dtype
         shape = (m, m) if full else (0, 0)
-        self.gram = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(shape, dtype=dtype, device=device)
         self._cross: torch.Tensor | None = None  # None: single stream, equal to gram
         self._gram_d: torch.Tensor | None = None
+        self.released = False
 
     @property
     def single_stream(self) -> bool:
@@ -62,13 +77,25 @@ class GramAccumulator:
 
     @property
     def cross(self) -> torch.Tensor:
-        """C = sum x~_d x~_p^T, [n+1, n+1] float64 (the `gram` tensor itself while single-stream)."""
+        """C = sum x~_d x~_p^T, [n+1, n+1] (the `gram` tensor itself while single-stream)."""
         return self.gram if self._cross is None else self._cross
 
     @property
     def gram_d(self) -> torch.Tensor:
-        """D = sum x~_d x~_d^T, [n+1, n+1] float64 (the `gram` tensor itself while single-stream)."""
+        """D = sum x~_d x~_d^T, [n+1, n+1] (the `gram` tensor itself while single-stream)."""
         return self.gram if self._gram_d is None else self._gram_d
+
+    def release(self) -> None:
+        """Free the Gram sums (the per-column sums and count stay). Later re-fits, batches or
+        reads of `gram` / `cross` / `gram_d` are errors."""
+        empty = torch.zeros((0, 0), dtype=self.dtype, device=self.gram.device)
+        self.gram, self._cross, self._gram_d = empty, None, None
+        self.released = True
+
+    def _check_live(self) -> None:
+        if self.released and self.full:
+            raise RuntimeError("the Gram sums of this accumulator were released (after a re-fit); "
+                               "gather new statistics")
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
@@ -92,7 +119,8 @@ class GramAccumulator:
             acc[i:i + step] += a[:, i:i + step].T @ b
 
     def add_batch(self, x_p: torch.Tensor, x_d: torch.Tensor | None = None) -> None:
-        """Products are formed in float32 per block (BLAS speed) and summed in float64."""
+        """Products are formed in float32 per block (BLAS speed) and summed in `dtype`."""
+        self._check_live()
         x = x_p.reshape(-1, self.n).to(self.col_sum.device, torch.float32)
         self.count += x.shape[0]
         self.col_sum += x.sum(0).double()
@@ -145,10 +173,14 @@ def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float,
 
 
 def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float, prior: torch.Tensor | None = None,
-                  reload: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+                  reload: Callable[[], torch.Tensor] | None = None,
+                  on_factored: Callable[[], None] | None = None, rows: int = 1024) -> tuple[torch.Tensor, float]:
     """damped_cholesky_solve, also returning the lambda finally used. Memory: A plus one [n, n]
     factor, or with `reload` (a function that rebuilds A for a retry) only the factor: A is then
-    the caller's scratch copy and is overwritten."""
+    the caller's scratch copy and is overwritten. `on_factored` is called once the factorisation
+    succeeded (the caller may then free what `reload` reads); a non-finite solution is then
+    returned as it is (the caller falls back) instead of retried. The right-hand side is solved
+    `rows` rows at a time (no full-size intermediate)."""
     a = a.to(torch.float64)
     rhs = rhs.to(torch.float64)
     prior = None if prior is None else prior.to(torch.float64)
@@ -178,18 +210,33 @@ def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float, prior: torch.
         upper = chol.mT
         torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
         if int(info) == 0:
-            b = rhs if prior is None else rhs + lam * prior
-            # X U^T U = B as two triangular solves (cholesky_solve would copy the factor)
-            y = torch.linalg.solve_triangular(upper, b, upper=True, left=False)
-            sol = torch.linalg.solve_triangular(upper.mT, y, upper=False, left=False)
-            del y
-            if torch.isfinite(sol).all():
+            if on_factored is not None:
+                on_factored()
+            sol = torch.empty_like(rhs)
+            for i in range(0, rhs.shape[0], rows):  # X U^T U = B row block by row block (rows are independent)
+                b = rhs[i:i + rows] if prior is None else rhs[i:i + rows] + lam * prior[i:i + rows]
+                y = torch.linalg.solve_triangular(upper, b, upper=True, left=False)
+                sol[i:i + rows] = torch.linalg.solve_triangular(upper.mT, y, upper=False, left=False)
+                del b, y
+            if torch.isfinite(sol).all() or on_factored is not None:
                 if attempt:
                     log.warning("least squares needed %dx the requested damping to factorise", 10**attempt)
                 return sol, float(lam)
+            del sol
         del chol, upper
         lam = lam * 10
     raise FloatingPointError("least-squares solve failed even with 10^4 x damping: degenerate calibration data")
+
+
+def _wg(w: torch.Tensor, g: torch.Tensor, step: int = 1024) -> torch.Tensor:
+    """w @ g in float64 for w [out, m] float64 and g [m, k] of any float dtype, converting g
+    `step` rows at a time (no float64 copy of a float32 g)."""
+    if g.dtype == torch.float64:
+        return w @ g
+    out = torch.zeros(w.shape[0], g.shape[1], dtype=torch.float64, device=w.device)
+    for i in range(0, g.shape[0], step):
+        out += w[:, i:i + step] @ g[i:i + step].double()
+    return out
 
 
 def _columns(keep: torch.Tensor, n: int, has_bias: bool, device: torch.device) -> torch.Tensor:
@@ -228,6 +275,7 @@ def refit_consumer(
     stats: GramAccumulator,
     keep: torch.Tensor,
     damp: float,
+    release: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
     """Least-squares re-fit of a consumer projection W [out, n] on the kept columns `keep`.
 
@@ -238,16 +286,22 @@ def refit_consumer(
     The damping pulls towards the sliced weights, so the re-fit's error never exceeds theirs.
     A non-finite solve falls back to the sliced weights and is logged. Runs on the statistics' device.
 
+    release: free the statistics' Gram sums as soon as the kept block is taken out (`stats` can
+    then give scores but no second re-fit). With it the peak is max(G + G_KK, G_KK + factor)
+    instead of G + factor: the kept block G_KK stays in the Gram's dtype (float32 for large n)
+    only as the source for a retry with more damping, and is freed once the float64 factor exists.
+
     Single stream (C = D = G; R = the removed columns): with M = W_R G[R, K] the system
     W' (G_KK + lam I) = W G[:, K] + lam W_K becomes W' = W_K + Delta, Delta (G_KK + lam I) = M, and
     error_none = tr(W_R G_RR W_R^T), error = error_none - <M, Delta> - lam <Delta, Delta> (per token).
     Cost O(out n |R| + |K|^3 + out |K|^2) instead of O(out n^2); memory G plus one [|K|, |K|] factor.
     """
+    stats._check_live()
     dev = stats.gram.device
     cols = _columns(keep, stats.n, bias is not None, dev)
     count = max(stats.count, 1)
     refit = _refit_single if stats.single_stream else _refit_two_streams
-    sol, errors = refit(weight, bias, stats, cols, damp)
+    sol, errors = refit(weight, bias, stats, cols, damp, release)
     errors = {k: float(max(v / count, 0.0)) for k, v in errors.items()}
     if bias is None:
         return sol.to(weight.device, weight.dtype), None, errors
@@ -256,43 +310,66 @@ def refit_consumer(
 
 
 def _refit_single(weight: torch.Tensor, bias: torch.Tensor | None, stats: GramAccumulator, cols: torch.Tensor,
-                  damp: float, step: int = 1024) -> tuple[torch.Tensor, dict[str, float]]:
+                  damp: float, release: bool, step: int = 1024) -> tuple[torch.Tensor, dict[str, float]]:
     """(W', summed errors) when both streams are the pruned one: see refit_consumer."""
     g = stats.gram
-    removed = torch.ones(stats.n, dtype=torch.bool, device=g.device)
-    removed[cols[cols < stats.n]] = False
+    dev = g.device
+    removed = torch.ones(stats.n, dtype=torch.bool, device=dev)
+    kept = cols[cols < stats.n]
+    removed[kept] = False
     rem = removed.nonzero().flatten()
-    w_r = weight.detach().to(g.device)[:, rem].double()
-    m = torch.zeros(w_r.shape[0], cols.numel(), dtype=torch.float64, device=g.device)  # W_R G[R, K]
+    w_r = weight.detach().to(dev)[:, rem].double()
+    m = torch.zeros(w_r.shape[0], cols.numel(), dtype=torch.float64, device=dev)  # W_R G[R, K]
     error_none = 0.0  # tr(W_R G_RR W_R^T)
     for i in range(0, rem.numel(), step):  # blocks of removed rows of G: no [|R|, n] copy
         rows = g[rem[i:i + step]]
-        m += w_r[:, i:i + step] @ rows[:, cols]
-        error_none += float(((w_r[:, i:i + step] @ rows[:, rem]) * w_r).sum())
+        m += w_r[:, i:i + step] @ rows[:, cols].double()
+        error_none += float(((w_r[:, i:i + step] @ rows[:, rem].double()) * w_r).sum())
+        del rows
     del w_r
     dead = torch.diagonal(g)[cols] <= 0
-    delta, lam = _damped_solve(_block_rows(g, cols, cols), m, damp, reload=lambda: _block_rows(g, cols, cols))
-    sliced = weight.detach().to(g.device)[:, cols[cols < stats.n]].double()
-    if bias is not None:  # the bias column is the last of `cols`
-        sliced = torch.cat([sliced, bias.detach().to(g.device, torch.float64)[:, None]], dim=1)
+    if release or g.dtype != torch.float64:
+        # the kept block in the Gram's dtype is the retry source; the Gram (and then the source) go
+        held = [_block_rows(g, cols, cols)]
+        del g
+        if release:
+            stats.release()
+        delta, lam = _damped_solve(held[0].to(torch.float64, copy=True), m, damp,
+                                   reload=lambda: held[0].to(torch.float64, copy=True), on_factored=held.clear)
+    else:
+        delta, lam = _damped_solve(_block_rows(g, cols, cols), m, damp, reload=lambda: _block_rows(g, cols, cols))
     if not torch.isfinite(delta).all():
         log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
-        return sliced, {"error_none": error_none, "error": error_none}
+        return _sliced(weight, bias, kept, dev), {"error_none": error_none, "error": error_none}
     error = error_none - float((m * delta).sum()) - lam * float((delta * delta).sum())
     del m
-    sol = delta.add_(sliced)
+    sol = delta
+    for i in range(0, sol.shape[0], step):  # W' = W_K + Delta, without a float64 copy of W_K
+        sol[i:i + step, :kept.numel()] += weight.detach()[i:i + step].to(dev)[:, kept].double()
+    if bias is not None:  # the bias column is the last of `cols`
+        sol[:, -1] += bias.detach().to(dev, torch.float64)
     sol[:, dead] = 0  # no input ever reaches a dead column: zero weight, as the plain solve gives
     return sol, {"error_none": error_none, "error": error}
 
 
+def _sliced(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """[W_K, b] in float64 on `dev` (the bias column only when there is a bias)."""
+    sliced = weight.detach().to(dev)[:, kept].double()
+    if bias is not None:
+        sliced = torch.cat([sliced, bias.detach().to(dev, torch.float64)[:, None]], dim=1)
+    return sliced
+
+
 def _refit_two_streams(weight: torch.Tensor, bias: torch.Tensor | None, stats: GramAccumulator,
-                       cols: torch.Tensor, damp: float) -> tuple[torch.Tensor, dict[str, float]]:
+                       cols: torch.Tensor, damp: float, release: bool) -> tuple[torch.Tensor, dict[str, float]]:
     """(W', summed errors) for separate dense and pruned streams (the general formula)."""
     w_aug = _augmented(weight, bias, stats.gram.device)
     sliced = w_aug[:, cols]
-    g_kk = _block_rows(stats.gram, cols, cols)
-    rhs = w_aug @ stats.cross[:, cols]  # W C[:, K]: also the cross term of both errors
-    dense = float((w_aug @ stats.gram_d * w_aug).sum())
+    g_kk = _block_rows(stats.gram, cols, cols).double()
+    rhs = _wg(w_aug, stats.cross[:, cols])  # W C[:, K]: also the cross term of both errors
+    dense = float((_wg(w_aug, stats.gram_d) * w_aug).sum())
+    if release:
+        stats.release()
     error_none = dense - 2 * float((rhs * sliced).sum()) + float((sliced @ g_kk * sliced).sum())
     sol, lam = _damped_solve(g_kk, rhs, damp, prior=sliced)
     del g_kk
@@ -314,14 +391,15 @@ def reconstruction_error(
 ) -> float:
     """Mean squared error per token, summed over outputs, between the dense target
     W x_d + b and the pruned projection W' x_p[K] + b', from the statistics alone."""
+    stats._check_live()
     dev = stats.gram.device
     cols = _columns(keep, stats.n, new_bias is not None, dev)
     w = _augmented(weight, bias, dev)
     w_new = new_weight.detach().to(device=dev, dtype=torch.float64)
     if new_bias is not None:
         w_new = torch.cat([w_new, new_bias.detach().to(device=dev, dtype=torch.float64)[:, None]], dim=1)
-    dense = (w @ stats.gram_d * w).sum()
-    cross = (w @ stats.cross[:, cols] * w_new).sum()
-    kept = (w_new @ stats.gram[cols][:, cols] * w_new).sum()
+    dense = (_wg(w, stats.gram_d) * w).sum()
+    cross = (_wg(w, stats.cross[:, cols]) * w_new).sum()
+    kept = (w_new @ _block_rows(stats.gram, cols, cols).double() * w_new).sum()
     err = (dense - 2 * cross + kept) / max(stats.count, 1)
     return float(err.clamp_min(0))
