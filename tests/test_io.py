@@ -74,6 +74,7 @@ def test_shard_writer_layer_by_layer_reloads(family, tmp_path):
     res = sp.prune(model, cfg, calib_windows=windows(8), progress=False, sink=sink)
     assert sink.layers_written == [0, 1, 2]
     assert all(p.is_meta for n, p in res.model.named_parameters() if ".0." in n or ".1." in n)  # freed
+    assert all(p.is_meta for p in res.model.get_input_embeddings().parameters())  # written after allocation, freed
     assert res.plan.actual_sparsity == ref.plan.actual_sparsity
     out = sink.finish(res.model, res.plan, layers_prefix(res.model))
     assert (out / INDEX_NAME).is_file() and len(list(out.glob("model-layer-*.safetensors"))) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from structprune.reconstruct.lstsq import GramAccumulator, damped_cholesky_solve, reconstruction_error, refit_consumer
@@ -169,3 +170,91 @@ def test_solve_with_reload_matches_plain_solve_after_retries():
     torch.testing.assert_close(scratch, plain)
     assert lam == lam2 and lam > 0.01
     assert torch.all(plain[:, 2] == 0)
+
+
+def _heavy_tailed(seed: int, n: int, tokens: int) -> torch.Tensor:
+    """Float32 inputs whose column scales span 2.5 decades plus one outlier column (as LLM activations)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g) * torch.logspace(-1, 1.5, n)
+    x[:, 5] *= 30
+    return x + 0.3
+
+
+def test_float32_gram_refit_matches_float64():
+    """Gram sums stored in float32 (what large statistics use) give the float64 re-fit's errors
+    within 1e-4 relative and nearly the same weights."""
+    n, out = 96, 16
+    x = _heavy_tailed(7, n, 6000)
+    g = torch.Generator().manual_seed(8)
+    w, b = torch.randn(out, n, generator=g), torch.randn(out, generator=g)
+    keep = torch.randperm(n, generator=g)[:60].sort().values
+    got = {}
+    for dtype in (torch.float64, torch.float32):
+        acc = GramAccumulator(n, dtype=dtype)
+        for chunk in x.split(750):
+            acc.add_batch(chunk)
+        assert acc.gram.dtype == dtype
+        got[dtype] = refit_consumer(w, b, acc, keep, 0.01)
+    (w64, b64, e64), (w32, b32, e32) = got[torch.float64], got[torch.float32]
+    assert abs(e32["error"] - e64["error"]) <= 1e-4 * e64["error"]
+    assert abs(e32["error_none"] - e64["error_none"]) <= 1e-5 * e64["error_none"]
+    torch.testing.assert_close(w32, w64, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(b32, b64, rtol=1e-3, atol=1e-4)
+
+
+def test_gram_dtype_follows_size(monkeypatch):
+    assert GramAccumulator(100).dtype == torch.float64
+    monkeypatch.setattr(GramAccumulator, "float64_max_bytes", 8 * 50 * 50)
+    assert GramAccumulator(49).gram.dtype == torch.float64 and GramAccumulator(50).gram.dtype == torch.float32
+    assert GramAccumulator(50, dtype=torch.float64).gram.dtype == torch.float64
+    with pytest.raises(ValueError, match="dtype"):
+        GramAccumulator(8, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("two_streams", [False, True])
+def test_release_frees_the_gram_before_the_solve_and_changes_nothing(dtype, two_streams, monkeypatch):
+    """refit_consumer(release=True) gives the same result, frees the Gram sums before the
+    factorisation (peak: Gram + kept block, then kept block + factor, never Gram + factor), and
+    leaves an accumulator that still scores but refuses a second re-fit or more batches."""
+    from structprune.reconstruct import lstsq
+
+    xd, xp, w, b = _problem(9, n=20, out=4)
+    keep = torch.tensor([0, 3, 4, 8, 11, 15, 19])
+    accs = []
+    for _ in range(2):
+        acc = GramAccumulator(20, dtype=dtype)
+        acc.add_batch(xp, xd if two_streams else None)
+        accs.append(acc)
+    ref = refit_consumer(w, b, accs[0], keep, 0.01)
+    seen = []
+    solve = lstsq._damped_solve
+
+    def spy(*args, **kwargs):
+        seen.append(accs[1].gram.numel())
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(lstsq, "_damped_solve", spy)
+    got = refit_consumer(w, b, accs[1], keep, 0.01, release=True)
+    assert seen == [0] and accs[1].released
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=1e-12)
+    assert got[2] == ref[2]
+    torch.testing.assert_close(accs[1].input_norm, accs[0].input_norm)
+    with pytest.raises(RuntimeError, match="released"):
+        refit_consumer(w, b, accs[1], keep, 0.01)
+    with pytest.raises(RuntimeError, match="released"):
+        accs[1].add_batch(xp)
+
+
+def test_retry_source_is_dropped_once_factored():
+    """The retry source (the kept block) serves the retries and is let go after the factorisation."""
+    from structprune.reconstruct.lstsq import _damped_solve
+
+    a = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)  # indefinite, dead
+    rhs = torch.ones(2, 3, dtype=torch.float64)
+    plain, lam = _damped_solve(a, rhs, 0.01)
+    held = [a.float()]
+    got, lam2 = _damped_solve(held[0].double(), rhs, 0.01, reload=lambda: held[0].double(), on_factored=held.clear)
+    torch.testing.assert_close(got, plain)
+    assert lam2 == lam and held == []

@@ -307,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in ("prune", "demo"):
+        from .hostmem import release_freed_memory
+
+        release_freed_memory()  # freed tensors go back to the OS: peak RSS tracks live tensors
     try:
         if args.command == "prune":
             return cmd_prune(args, evaluate=args.eval)

@@ -323,9 +323,10 @@ def _refit_single(weight: torch.Tensor, bias: torch.Tensor | None, stats: GramAc
     error_none = 0.0  # tr(W_R G_RR W_R^T)
     for i in range(0, rem.numel(), step):  # blocks of removed rows of G: no [|R|, n] copy
         rows = g[rem[i:i + step]]
-        m += w_r[:, i:i + step] @ rows[:, cols].double()
-        error_none += float(((w_r[:, i:i + step] @ rows[:, rem].double()) * w_r).sum())
-        del rows
+        w_i = w_r[:, i:i + step]
+        m.addmm_(w_i, rows[:, cols].double())  # in place: no [out, |K|] temporary
+        error_none += float(((rows[:, rem].double() @ w_r.T) * w_i.T).sum())  # [step, out] per block
+        del rows, w_i
     del w_r
     dead = torch.diagonal(g)[cols] <= 0
     if release or g.dtype != torch.float64:
