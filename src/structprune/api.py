@@ -34,6 +34,15 @@ def calibration_data(tokenizer: Any, config: PruneConfig, holdout: bool = False
     return windows, calibration_windows(ids, max(2, config.nsamples // 8), config.seqlen, config.seed + 1)
 
 
+def finetune(model: nn.Module, tokenizer: Any, config: Any = None, progress: bool = True) -> tuple[nn.Module, dict]:
+    """LoRA recovery of a (pruned) model on its calibration-split text, merged back (finetune.py).
+    Returns (new model, info); `model` is not modified. `config`: a FinetuneConfig."""
+    from .finetune import FinetuneConfig, lora_finetune
+
+    config = config or FinetuneConfig()
+    ids = tokenize(tokenizer, load_text(config.text, split="calib"))
+    windows = calibration_windows(ids, config.steps * config.batch_size, config.seqlen, config.seed)
+    return lora_finetune(model, windows, config, resolve_device(config.device), progress)
 
 
 def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | None = None, tokenizer: Any = None,

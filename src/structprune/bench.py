@@ -53,6 +53,7 @@ class BenchSettings:
     masks_from: str | None = None
     device: str = "auto"
     max_cells: int | None = None  # stop after this many NEW cells (time-sliced runs)
+    lora_steps: int = 0  # >0: LoRA recovery (finetune.py, default settings) after pruning each cell
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the file it continues."""
@@ -263,6 +264,14 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
                   "peak_rss_scope": "pruning call" if exact else "process lifetime"}
         if device.type == "cuda":
             memory["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        lora = None
+        if settings.lora_steps:
+            from .api import finetune
+            from .finetune import FinetuneConfig
+
+            tuned, lora = finetune(res.model, tok, FinetuneConfig(steps=settings.lora_steps, device=settings.device),
+                                   progress=False)
+            res.model = tuned
         ppl = {t: sp.perplexity(res.model, evals[t], device=device, progress=False) for t in settings.texts}
         plan = res.plan
         results["cells"][key] = {
@@ -274,6 +283,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
             "kept": {"heads": [len(lp.kept_heads) for lp in plan.layers],
                      "kv_heads": [len(lp.kept_kv_heads) for lp in plan.layers],
                      "neurons": [len(lp.kept_neurons) for lp in plan.layers]},
+            **({"lora": lora} if lora is not None else {}),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         plan.save(plans / f"{key}.json")

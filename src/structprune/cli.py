@@ -223,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print the whole plan as JSON")
 
+    f = sub.add_parser("finetune", help="optional recovery: LoRA fine-tuning of a pruned folder on calibration-split "
+                                        "text, merged back into plain weights")
+    f.add_argument("model", help="a structprune output folder")
+    _add_finetune_options(f)
+    f.add_argument("--out", required=True, help="output folder for the fine-tuned model")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    f.add_argument("--eval", action="store_true", help="also measure perplexity before and after")
+    _add_common(f)
+    _add_eval_data(f, prefix=True)
+
     b = sub.add_parser("bench", help="benchmarks (PROTOCOL.md)")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="methods x actual sparsity: perplexity on two texts, time, peak memory "
@@ -232,6 +242,61 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="render a saved quality run (JSON file or folder): Markdown table + PNG plots")
     r.add_argument("path", help="a run JSON file, or a folder of them (e.g. benchmarks/results)")
     return parser
+
+
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    from .finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--lora-batch-size", type=int, default=d.batch_size, help=f"windows per step (default {d.batch_size})")
+    p.add_argument("--lora-seqlen", type=int, default=d.seqlen, help=f"tokens per window (default {d.seqlen})")
+    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--lora-text", default=d.text, help="training text (its CALIBRATION split; default wiki)")
+    p.add_argument("--lora-seed", type=int, default=d.seed, help=f"seed of the training windows (default {d.seed})")
+
+
+def _finetune_config(args: argparse.Namespace) -> Any:
+    from .finetune import FinetuneConfig
+
+    return FinetuneConfig(steps=args.steps, batch_size=args.lora_batch_size, seqlen=args.lora_seqlen, rank=args.rank,
+                          lr=args.lr, text=args.lora_text, seed=args.lora_seed, device=args.device)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import api, io
+    from .loading import load_model
+
+    if not io.is_pruned_folder(args.model):
+        raise ValueError(f"{args.model} is not a structprune output folder; prune it first (structprune prune)")
+    config = _finetune_config(args)
+    io.check_output_dir(args.out, args.overwrite)
+    model, tok = load_model(args.model)
+    plan = io.load_plan(args.model)
+    ev = dict(data=args.data, seqlen=args.eval_seqlen, windows=args.windows, device=args.device,
+              progress=not args.no_progress)
+    before = api.evaluate_perplexity(model, tok, **ev) if args.eval else None
+    tuned, info = api.finetune(model, tok, config, progress=not args.no_progress)
+    if info.get("gave_up"):
+        raise RuntimeError("LoRA fine-tuning met non-finite losses and gave up; nothing was written "
+                           "(try a lower --lr)")
+    after = api.evaluate_perplexity(tuned, tok, **ev) if args.eval else None
+    plan.finetune = {**info, "perplexity_before": before, "perplexity_after": after}
+    io.save_pruned(tuned, plan, args.out, tokenizer=tok, overwrite=args.overwrite)
+    rows = [("model", args.model),
+            ("LoRA", f"rank {config.rank}, {info['steps_done']} steps x {config.batch_size} x {config.seqlen} tokens "
+                     f"of {config.text} (calibration split), lr {config.lr}"),
+            ("training loss", f"{info['loss_first']:.4f} -> {info['loss_last']:.4f} (first / last tenth)"),
+            ("time", f"{info['seconds']:.0f} s")]
+    if args.eval:
+        rows.append((f"perplexity ({args.data} eval, {args.windows} x {args.eval_seqlen}, fp32)",
+                     f"{before:.2f} -> {after:.2f}"))
+    rows.append(("saved to", str(Path(args.out).resolve())))
+    print(_table(rows))
+    return 0
 
 
 def add_quality_options(p: argparse.ArgumentParser, out: str = "benchmarks/results/quality.json") -> None:
@@ -254,6 +319,9 @@ def add_quality_options(p: argparse.ArgumentParser, out: str = "benchmarks/resul
                    help="replay the kept units of cell METHODTAG@sparsity (compare re-fits on equal masks)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
+    p.add_argument("--lora-steps", type=int, default=0,
+                   help="LoRA recovery after pruning each cell, this many steps (finetune.py defaults; 0: none). "
+                        "Give such runs a --tag: the cells are no longer no-fine-tuning figures")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['nsamples']} x {QUICK['seqlen']} calibration, {QUICK['windows']} "
                         "evaluation windows, default output quality_quick.json")
@@ -277,7 +345,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         model=args.model, methods=tuple(args.methods), sparsities=tuple(args.sparsities),
         nsamples=args.nsamples or quick["nsamples"], seqlen=args.seqlen or quick["seqlen"],
         windows=args.windows or quick["windows"], calib=args.calib, texts=tuple(args.texts), overrides=overrides,
-        tag=args.tag, masks_from=args.masks_from, device=args.device, max_cells=args.max_cells)
+        tag=args.tag, masks_from=args.masks_from, device=args.device, max_cells=args.max_cells,
+        lora_steps=args.lora_steps)
     default_out = Path(args.default_out)
     out = Path(args.out) if args.out else (default_out.with_name("quality_quick.json") if args.quick else default_out)
     results = run_quality(settings, out, echo=lambda line: print(line, flush=True))
@@ -322,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "finetune":
+            return cmd_finetune(args)
         if args.command == "bench":
             return cmd_bench_quality(args)
         if args.command == "report":

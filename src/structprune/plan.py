@@ -54,6 +54,7 @@ class PrunePlan:
     decoder_params_pruned: int = 0
     allocation: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)  # LoRA recovery record (finetune.py), if any
     version: int = PLAN_VERSION
 
     @property
