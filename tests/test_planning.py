@@ -52,11 +52,12 @@ def test_relative_temperature_is_a_multiple_of_the_score_scale():
 
 
 def test_relative_layer_importance_divides_by_the_stream_rms():
-    """layer_importance="relative" scales each layer's importance by 1 / RMS of its input stream."""
+    """layer_importance="relative" (the default) scales each layer's importance by 1 / RMS of its input stream."""
     model = tiny_model("llama")
     base = dict(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation="softmax", temperature="1x")
-    raw = sp.prune(model, sp.PruneConfig(**base), calib_windows=windows(8), progress=False).plan.allocation
-    rel = sp.prune(model, sp.PruneConfig(**base, layer_importance="relative"), calib_windows=windows(8),
+    raw = sp.prune(model, sp.PruneConfig(**base, layer_importance="raw"), calib_windows=windows(8),
+                   progress=False).plan.allocation
+    rel = sp.prune(model, sp.PruneConfig(**base), calib_windows=windows(8),
                    progress=False).plan.allocation
     assert rel["layer_importance"] == "relative" and raw["layer_importance"] == "raw"
     ratio = {k: rel["importance"][k] / raw["importance"][k] for k in raw["importance"]}

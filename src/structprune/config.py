@@ -64,7 +64,9 @@ class PruneConfig:
     layer_importance: how the softmax rules compare layers: "raw" (sum of Wanda-style unit
         scores per parameter) or "relative" (the same divided by the RMS of the layer's input
         hidden states, i.e. the layer's output relative to the residual stream it is added to;
-        raw Wanda importances grow about ten-fold with depth on SmolLM2-135M).
+        raw Wanda importances grow about ten-fold with depth on SmolLM2-135M). Default
+        "relative": with the temperature search it beat uniform at 20 / 30 / 50% (24.5 / 32.5 /
+        59.4 vs 25.6 / 34.6 / 77.2, FFN only), raw did not (25.2 / 34.6 / 78.3).
     damp: relative ridge damping, times mean(diag(Gram)).
     bias_compensation: where the family's config can express it (llama: attention_bias and
         mlp_bias; qwen3, gemma3: attention_bias), add zero biases so the re-fit can compensate
@@ -98,7 +100,7 @@ class PruneConfig:
     temperature: str = "auto"
     rho: float | str = "auto"
     gamma: float = 0.0
-    layer_importance: str = "raw"
+    layer_importance: str = "relative"
     admm_iters: int = 4
     admm_alpha: float = 1.0
     admm_beta: float = 10.0
