@@ -89,18 +89,19 @@ def _ratio(x: float | None, ref: float | None, digits: int = 2) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """One row per (size, method): sizes, peaks in MiB and against the model / one layer, time."""
     head = ("| size | params | model MiB | layer MiB | method | accel peak MiB | accel/model | accel/layer "
-            "| host RSS MiB | RSS/model | time s | time / dense fwd | actual sparsity | status |")
+            "| host RSS MiB | RSS/model | time s | of it allocation s | time / dense fwd | actual sparsity | status |")
     lines = [head, head_rule(head)]
     for r in rows:
         cuda = r.get("cuda_peak_bytes")
         rss = r.get("host_peak_rss_bytes")
         sec = r.get("seconds")
         sp = r.get("actual_sparsity")
+        alloc = r.get("allocation_seconds")
         lines.append(
             f"| {r['size']} | {r['params'] / 1e6:,.0f}M | {_mib(r['model_bytes'])} | {_mib(r['layer_bytes'])} "
             f"| {r['method']} | {_mib(cuda)} | {_ratio(cuda, r['model_bytes'])} | {_ratio(cuda, r['layer_bytes'], 1)} "
             f"| {_mib(rss)} | {_ratio(rss, r['model_bytes'])} | {'n/a' if sec is None else f'{sec:.1f}'} "
-            f"| {_ratio(sec, r.get('reference_seconds'), 1)} | {'n/a' if sp is None else f'{sp:.3f}'} "
+            f"| {'n/a' if alloc is None else f'{alloc:.1f}'} | {_ratio(sec, r.get('reference_seconds'), 1)} | {'n/a' if sp is None else f'{sp:.3f}'} "
             f"| {r['status']} |")
     return "\n".join(lines)
 
@@ -273,7 +274,9 @@ def measure_structprune(folder: Path, args: argparse.Namespace, calib: Path, env
     row["seconds"] = float(m.group(1)) if m else wall
     plan = out / "structprune_plan.json"
     if plan.is_file():
-        row["actual_sparsity"] = json.loads(plan.read_text()).get("actual_sparsity")
+        saved = json.loads(plan.read_text())
+        row["actual_sparsity"] = saved.get("actual_sparsity")
+        row["allocation_seconds"] = (saved.get("allocation") or {}).get("seconds")
     row["status"] = "ok"
     shutil.rmtree(out, ignore_errors=True)
     return row

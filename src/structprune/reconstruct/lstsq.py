@@ -174,20 +174,27 @@ def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float,
 
 def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float, prior: torch.Tensor | None = None,
                   reload: Callable[[], torch.Tensor] | None = None,
-                  on_factored: Callable[[], None] | None = None, rows: int = 1024) -> tuple[torch.Tensor, float]:
+                  on_factored: Callable[[], None] | None = None, rows: int = 512,
+                  out: torch.Tensor | None = None, dots: list[float] | None = None) -> tuple[torch.Tensor, float]:
     """damped_cholesky_solve, also returning the lambda finally used. Memory: A plus one [n, n]
     factor, or with `reload` (a function that rebuilds A for a retry) only the factor: A is then
     the caller's scratch copy and is overwritten. `on_factored` is called once the factorisation
     succeeded (the caller may then free what `reload` reads); a non-finite solution is then
-    returned as it is (the caller falls back) instead of retried. The right-hand side is solved
-    `rows` rows at a time (no full-size intermediate)."""
+    returned as it is (the caller falls back) instead of retried.
+
+    The right-hand side is solved `rows` rows at a time in float64 (rows are independent), each
+    block written to `out` (default: a new float64 tensor; may be `rhs` itself, any float dtype,
+    when `on_factored` is given: nothing is retried once rows are overwritten). With `dots`, the
+    float64 sums <RHS, X> and <X, X> are appended to it (taken before a block is overwritten)."""
+    if out is rhs and on_factored is None:
+        raise ValueError("solving in place (out=rhs) needs on_factored: a retry would read overwritten rows")
     a = a.to(torch.float64)
-    rhs = rhs.to(torch.float64)
     prior = None if prior is None else prior.to(torch.float64)
     dead = torch.diagonal(a) <= 0
     if dead.any():
         a = _undead(a if reload else a.clone(), dead)
-        rhs = rhs.clone()
+        if out is not rhs:
+            rhs = rhs.clone()
         rhs[:, dead] = 0
         if prior is not None:
             prior = prior.clone()
@@ -212,15 +219,23 @@ def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float, prior: torch.
         if int(info) == 0:
             if on_factored is not None:
                 on_factored()
-            sol = torch.empty_like(rhs)
-            for i in range(0, rhs.shape[0], rows):  # X U^T U = B row block by row block (rows are independent)
-                b = rhs[i:i + rows] if prior is None else rhs[i:i + rows] + lam * prior[i:i + rows]
+            sol = out if out is not None else torch.empty(rhs.shape, dtype=torch.float64, device=rhs.device)
+            rx = xx = 0.0
+            for i in range(0, rhs.shape[0], rows):  # X U^T U = B, one block of rows at a time
+                rb = rhs[i:i + rows].to(torch.float64)
+                b = rb if prior is None else rb + lam * prior[i:i + rows]
                 y = torch.linalg.solve_triangular(upper, b, upper=True, left=False)
-                sol[i:i + rows] = torch.linalg.solve_triangular(upper.mT, y, upper=False, left=False)
-                del b, y
+                x = torch.linalg.solve_triangular(upper.mT, y, upper=False, left=False)
+                if dots is not None:
+                    rx += float((rb * x).sum())
+                    xx += float((x * x).sum())
+                sol[i:i + rows] = x
+                del rb, b, y, x
             if torch.isfinite(sol).all() or on_factored is not None:
                 if attempt:
                     log.warning("least squares needed %dx the requested damping to factorise", 10**attempt)
+                if dots is not None:
+                    dots += [rx, xx]
                 return sol, float(lam)
             del sol
         del chol, upper
@@ -311,7 +326,12 @@ def refit_consumer(
 
 def _refit_single(weight: torch.Tensor, bias: torch.Tensor | None, stats: GramAccumulator, cols: torch.Tensor,
                   damp: float, release: bool, step: int = 1024) -> tuple[torch.Tensor, dict[str, float]]:
-    """(W', summed errors) when both streams are the pruned one: see refit_consumer."""
+    """(W', summed errors) when both streams are the pruned one: see refit_consumer.
+
+    Memory at the 6.7B FFN shape (n = 16,384, |K| = 11,571, float32 G): G (1.07 GB) with the kept
+    block G_KK (0.54 GB) and M (0.19 GB), then G_KK with its float64 factor (1.07 GB) and M, then
+    the factor and M, which the solve overwrites with Delta and then W' (no further [out, |K|] copy).
+    M and W' are in the statistics' dtype; sums, factor and solve are float64."""
     g = stats.gram
     dev = g.device
     removed = torch.ones(stats.n, dtype=torch.bool, device=dev)
@@ -328,27 +348,27 @@ def _refit_single(weight: torch.Tensor, bias: torch.Tensor | None, stats: GramAc
         error_none += float(((rows[:, rem].double() @ w_r.T) * w_i.T).sum())  # [step, out] per block
         del rows, w_i
     del w_r
+    m = m.to(g.dtype)
     dead = torch.diagonal(g)[cols] <= 0
-    if release or g.dtype != torch.float64:
-        # the kept block in the Gram's dtype is the retry source; the Gram (and then the source) go
-        held = [_block_rows(g, cols, cols)]
-        del g
-        if release:
-            stats.release()
-        delta, lam = _damped_solve(held[0].to(torch.float64, copy=True), m, damp,
-                                   reload=lambda: held[0].to(torch.float64, copy=True), on_factored=held.clear)
-    else:
-        delta, lam = _damped_solve(_block_rows(g, cols, cols), m, damp, reload=lambda: _block_rows(g, cols, cols))
+    # the kept block in the Gram's dtype is the source for a retry with more damping; the Gram goes
+    # now (release), the source once the float64 factor exists
+    held = [_block_rows(g, cols, cols)]
+    del g
+    if release:
+        stats.release()
+    dots: list[float] = []
+    delta, lam = _damped_solve(held[0].to(torch.float64, copy=True), m, damp,
+                               reload=lambda: held[0].to(torch.float64, copy=True), on_factored=held.clear,
+                               out=m, dots=dots)
     if not torch.isfinite(delta).all():
         log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
         return _sliced(weight, bias, kept, dev), {"error_none": error_none, "error": error_none}
-    error = error_none - float((m * delta).sum()) - lam * float((delta * delta).sum())
-    del m
-    sol = delta
-    for i in range(0, sol.shape[0], step):  # W' = W_K + Delta, without a float64 copy of W_K
-        sol[i:i + step, :kept.numel()] += weight.detach()[i:i + step].to(dev)[:, kept].double()
+    error = error_none - dots[0] - lam * dots[1]
+    sol = delta  # M's storage, now Delta: W' = W_K + Delta in place
+    for i in range(0, sol.shape[0], step):
+        sol[i:i + step, :kept.numel()] += weight.detach()[i:i + step].to(dev)[:, kept].to(sol.dtype)
     if bias is not None:  # the bias column is the last of `cols`
-        sol[:, -1] += bias.detach().to(dev, torch.float64)
+        sol[:, -1] += bias.detach().to(dev, sol.dtype)
     sol[:, dead] = 0  # no input ever reaches a dead column: zero weight, as the plain solve gives
     return sol, {"error_none": error_none, "error": error}
 
