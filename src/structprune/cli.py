@@ -61,6 +61,9 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
     p.add_argument("--admm-gamma", type=float, default=None, help="ADMM activation-consistency penalty")
     p.add_argument("--admm-sgd-steps", type=int, default=None,
                    help="ADMM producer update by this many gradient steps instead of the Cholesky solve (0)")
+    p.add_argument("--admm-attn-steps", type=int, default=None,
+                   help="ADMM on attention: value-projection gradient steps per iteration, alternating with the "
+                        "output projection's least squares (default 10; 0: output projection re-fit only)")
     p.add_argument("--target", choices=TARGETS, default=None,
                    help="re-fit target: local (dense layer on the pruned inputs, default) or dense (dense-model outputs)")
     p.add_argument("--out", default=None, help="output folder for the pruned model")
@@ -78,7 +81,7 @@ def _config(args: argparse.Namespace) -> Any:
         reconstruction=args.reconstruction, target=args.target, device=args.device, dtype=args.dtype,
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
-        admm_sgd_steps=args.admm_sgd_steps, layer_importance=args.layer_importance,
+        admm_sgd_steps=args.admm_sgd_steps, admm_attn_steps=args.admm_attn_steps, layer_importance=args.layer_importance,
         chunk_tokens=args.chunk_tokens)
 
 

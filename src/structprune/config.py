@@ -106,6 +106,7 @@ class PruneConfig:
     admm_beta: float = 10.0
     admm_gamma: float = 1.0
     admm_sgd_steps: int = 0
+    admm_attn_steps: int = 10
     chunk_tokens: int = 8192
     flap_standardise: str = "layer"
     flap_square_attention: bool = True
@@ -156,6 +157,8 @@ class PruneConfig:
         _check(self.admm_iters >= 0, "admm_iters", self.admm_iters, "must be >= 0")
         _check(self.admm_sgd_steps >= 0, "admm_sgd_steps", self.admm_sgd_steps,
                "must be >= 0 (0: closed-form producer solves)")
+        _check(self.admm_attn_steps >= 0, "admm_attn_steps", self.admm_attn_steps,
+               "must be >= 0 (0: attention keeps the one-shot least-squares re-fit)")
         for name in ("admm_alpha", "admm_beta", "admm_gamma"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "ADMM penalties must be positive")
         _check(self.chunk_tokens >= 16, "chunk_tokens", self.chunk_tokens, "must be >= 16")

@@ -211,6 +211,40 @@ class LayerPruner:
         return {"admm_error_start": float(first["objective"]), "admm_error": float(best["objective"]),
                 "admm_best_iter": res.best_iter, "admm_rejected": res.rejected}
 
+    def _admm_attention(self, pruned: nn.Module, dense: nn.Module, xp: list[torch.Tensor], call: tuple
+                        ) -> dict[str, Any]:
+        """Alternate the value and output projections of the pruned attention block (reconstruct/attention.py)
+        towards the dense attention output on the same inputs. Targets live on the host."""
+        from .reconstruct.attention import alternate_attention
+
+        ad, cfg = self.adapter, self.config
+        o_d, o_p = ad.o_proj(dense), ad.o_proj(pruned)
+        targets = []
+        for x in xp:
+            sink: list[torch.Tensor] = []
+            with _capture_output_and_stop(o_d, sink), torch.no_grad():
+                _safe_run(dense, x.to(self.device, self.dtype), call)
+            targets.append(sink[0].detach().float().cpu())
+        count = sum(t.numel() // t.shape[-1] for t in targets)
+
+        def forward(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+            sink_in: list[torch.Tensor] = []
+            sink_out: list[torch.Tensor] = []
+            with capture_input(o_p, sink_in), _capture_output_and_stop(o_p, sink_out):
+                _safe_run(pruned, xp[b].to(self.device, self.dtype), call)
+            return sink_in[0], sink_out[0]
+
+        for p in pruned.parameters():  # gradients for the value projection only
+            p.requires_grad_(False)
+        value = ad.q_k_v(pruned)[2]
+        fit = alternate_attention(forward, targets, count, o_p, list(value.parameters()), cfg.admm_iters,
+                                  cfg.admm_attn_steps, cfg.damp, get_weight, get_bias, set_weight)
+        if fit.rejected:
+            log.warning("attention ADMM rejected %d of %d iterations (error rose); kept iterate %d", fit.rejected,
+                        cfg.admm_iters, fit.best_iter)
+        return {"admm_error_start": fit.history[0], "admm_error": fit.history[fit.best_iter],
+                "admm_best_iter": fit.best_iter, "admm_rejected": fit.rejected}
+
     def prune(self, index: int, host_layer: nn.Module, xd: list[torch.Tensor] | None, xp: list[torch.Tensor],
               call: tuple, budget: _Budget, fixed: LayerPlan | None = None) -> tuple[nn.Module, LayerPlan, list[torch.Tensor] | None, list[torch.Tensor]]:
         """Returns (pruned layer on the host, its plan, next dense stream, next pruned stream)."""
@@ -245,6 +279,8 @@ class LayerPruner:
         if keep_q.numel() < shape.num_heads:
             ad.slice_heads(pruned, keep_q, keep_kv)
             recon["attn"] = self._refit(ad.o_proj(pruned), ad.o_proj(dense), stats, head_columns(keep_q, hd))
+            if cfg.reconstruction == "admm" and cfg.admm_attn_steps > 0:
+                recon["attn"].update(self._admm_attention(pruned, dense, xp, call))
         del stats
 
         # MLP: score neurons on the consumer, re-fit it; dense outputs become the next targets
@@ -302,6 +338,25 @@ class _stop_after:
             raise _StopForward
 
         self.handle = self.module.register_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+class _capture_output_and_stop:
+    """Context manager: append `module`'s output (graph kept) to `sink`, then stop the forward."""
+
+    def __init__(self, module: nn.Module, sink: list[torch.Tensor]) -> None:
+        self.module, self.sink = module, sink
+        self.handle: Any = None
+
+    def __enter__(self) -> "_capture_output_and_stop":
+        def hook(_m: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            self.sink.append(output)
+            raise _StopForward
+
+        self.handle = self.module.register_forward_hook(hook)
         return self
 
     def __exit__(self, *exc: Any) -> None:
