@@ -1,0 +1,67 @@
+"""The README's headline table (issue 6): one table and plots from cells of several quality runs.
+
+Every source run used the same settings (SmolLM2-135M, calibration: wiki calib split, 16 x 512,
+seed 0; evaluation: wiki and pydoc eval splits, 64 x 512, float32); this script refuses a source
+with other settings, copies the chosen cells (renamed) into results/quality_headline.json and
+renders it with `structprune report` (Markdown table + PNG plots). No pruning happens here.
+
+    python benchmarks/headline.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+# (source run, method name in the source, name in the headline table)
+CELLS = [
+    ("quality_best.json", "random", "random (FFN only)"),
+    ("quality_best.json", "wanda-sp", "wanda-sp (FFN only)"),
+    ("quality_flap.json", "flap", "flap"),
+    ("quality_best.json", "global", "global (whole-model Taylor, O(N))"),
+    ("quality_best.json", "structprune", "structprune default (uniform)"),
+    ("quality_alloc_rel_0.2.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
+    ("quality_alloc_rel_0.3.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
+    ("quality_alloc_rel_0.5.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
+    ("quality_best.json", "structprune-rel-obs", "structprune softmax relative + OBS selection, FFN only"),
+    ("quality_best.json", "structprune-rel-obs-lora100", "the same + LoRA 100 steps (fine-tuned)"),
+]
+SETTINGS = {"model": "smollm2-135m", "nsamples": 16, "seqlen": 512, "windows": 64, "calib": "wiki"}
+
+
+def build() -> dict:
+    out: dict = {"cells": {}, "sources": {}}
+    for source, method, name in CELLS:
+        path = RESULTS / source
+        if not path.exists():
+            print(f"skipped {source}: not there", file=sys.stderr)
+            continue
+        run = json.loads(path.read_text())
+        settings = {k: run.get("settings", {}).get(k) for k in SETTINGS}
+        if settings != SETTINGS:
+            raise ValueError(f"{source} was run with {settings}, not {SETTINGS}")
+        for key, cell in run["cells"].items():
+            if cell["method"] == method:
+                out["cells"][f"{name}@{cell['requested']}"] = {**cell, "method": name}
+                out["sources"][f"{name}@{cell['requested']}"] = f"{source}: {key}"
+        for field in ("settings", "protocol", "dense"):
+            out.setdefault(field, run.get(field))
+    return out
+
+
+def main() -> None:
+    from structprune.bench import render, write_atomic
+    from structprune.report import report
+
+    headline = build()
+    path = RESULTS / "quality_headline.json"
+    write_atomic(path, headline)
+    print(render(headline))
+    for written in report(str(path)):
+        print(written)
+
+
+if __name__ == "__main__":
+    main()
