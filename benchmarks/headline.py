@@ -21,6 +21,7 @@ CELLS = [
     ("quality_best.json", "wanda-sp", "wanda-sp (FFN only)"),
     ("quality_flap.json", "flap", "flap"),
     ("quality_best.json", "global", "global (whole-model Taylor, O(N))"),
+    ("quality_best.json", "global-ffn", "global, FFN only"),
     ("quality_best.json", "structprune", "structprune default (uniform)"),
     ("quality_alloc_rel_0.2.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
     ("quality_alloc_rel_0.3.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
