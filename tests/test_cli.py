@@ -98,3 +98,17 @@ def test_chunk_tokens_option_reaches_the_run(tiny_folder, tmp_path, capsys):
     assert code == 0, stdout
     code, stdout, _ = _run(capsys, "info", out, "--json")
     assert json.loads(stdout)["config"]["chunk_tokens"] == 64
+
+
+def test_modules_and_selection_options_reach_the_run(tiny_folder, tmp_path, capsys):
+    """--modules mlp keeps every head; --selection obs is recorded in the plan."""
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "prune", tiny_folder, "--sparsity", 0.2, "--out", out, "--calib",
+                           tmp_path / "calib.txt", "--nsamples", 4, "--seqlen", 32, "--modules", "mlp",
+                           "--selection", "obs", "--allocation", "softmax", "--temperature", "1x", "--device", "cpu",
+                           "--no-progress")
+    assert code == 0, stdout
+    plan = json.loads((out / "structprune_plan.json").read_text())
+    assert plan["config"]["selection"] == "obs" and plan["config"]["prune_attention"] is False
+    assert all(len(lp["kept_heads"]) == lp["dense_shape"]["num_heads"] for lp in plan["layers"])
+    assert abs(plan["actual_sparsity"] - 0.2) < 0.02

@@ -40,6 +40,9 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
                         "in chunks of N tokens). Default 8192; lower it to trade speed for memory")
     p.add_argument("--method", default="structprune", choices=sorted(METHODS), help="named preset")
     p.add_argument("--scorer", choices=SCORERS, default=None, help="unit importance (overrides the method)")
+    p.add_argument("--modules", choices=("both", "mlp", "attention"), default=None,
+                   help="which units may go: both (heads and FFN neurons, default), mlp (FFN neurons only) or "
+                        "attention (heads only)")
     p.add_argument("--selection", choices=SELECTIONS, default=None,
                    help="which units a module keeps: score (top scores, default) or obs (reconstruction-aware "
                         "greedy Optimal Brain Surgeon on the Gram matrix; needs a re-fit)")
@@ -75,6 +78,10 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
 def _config(args: argparse.Namespace) -> Any:
     from .methods import method_config
 
+    modules = getattr(args, "modules", None)
+    kinds = {} if modules in (None, "both") else {"prune_attention": modules == "attention",
+                                                  "prune_mlp": modules == "mlp"}
+
     return method_config(
         args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, batch_size=args.batch_size, scorer=args.scorer, selection=args.selection, allocation=args.allocation,
@@ -82,7 +89,7 @@ def _config(args: argparse.Namespace) -> Any:
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
         admm_sgd_steps=args.admm_sgd_steps, admm_attn_steps=args.admm_attn_steps, layer_importance=args.layer_importance,
-        chunk_tokens=args.chunk_tokens)
+        chunk_tokens=args.chunk_tokens, **kinds)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
