@@ -68,3 +68,22 @@ def test_relative_layer_importance_divides_by_the_stream_rms():
     assert len({round(v[0], 6) for v in by_layer.values()}) > 1  # and it differs between layers
     with pytest.raises(ValueError, match="layer_importance"):
         sp.PruneConfig(layer_importance="deep")
+
+
+@pytest.mark.parametrize("rule", ["uniform", "softmax-modular"])
+def test_rho_auto_picks_the_split_with_the_lowest_held_back_loss(rule):
+    """rho='auto' tries 0, 0.5 and 1 on held-back calibration windows and keeps the best; with rho 0
+    no head is removed. softmax-modular then searches its temperature with that rho."""
+    model = tiny_model("llama")
+    cfg = sp.PruneConfig(sparsity=0.2, nsamples=12, seqlen=24, batch_size=4, device="cpu", allocation=rule,
+                         rho="auto", temperature="auto")
+    res = sp.prune(model, cfg, calib_windows=windows(12), progress=False)
+    info = res.plan.allocation
+    assert info["rho_source"] == "auto" and len(info["rho_search"]) >= 2
+    best = min(info["rho_search"], key=lambda rv: rv[1])
+    assert info["rho"] == best[0] and best[0] in (0.0, 0.5, 1.0)
+    if info["rho"] == 0.0:
+        assert all(len(lp.kept_heads) == lp.dense_shape["num_heads"] for lp in res.plan.layers)
+    if rule == "softmax-modular":
+        assert info["temperature_source"] == "auto"
+    assert abs(res.plan.actual_sparsity - 0.2) < 0.03

@@ -58,7 +58,7 @@ class PruneConfig:
         local 46.5, dense 103.8 perplexity, so local is the default.
     rho: attention pruning ratio relative to the MLP's, for the uniform and softmax-modular
         rules (0: MLP only; 1: equal). "auto" picks it on held-back calibration windows among
-        0, 0.5 and 1 (uniform) or uses 1 (softmax-modular). On SmolLM2-135M at 30% (3 KV
+        0, 0.5 and 1 (uniform; softmax-modular, before its temperature search). On SmolLM2-135M at 30% (3 KV
         groups per layer, so attention moves in steps of a whole group) MLP-only measured
         34.6 perplexity against 44.1 for equal ratios.
     layer_importance: how the softmax rules compare layers: "raw" (sum of Wanda-style unit

@@ -195,11 +195,17 @@ def masked_loss(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer
     return nll / count
 
 
+def needs_rho_search(config: PruneConfig) -> bool:
+    """Whether rho='auto' is searched (uniform and softmax-modular, with both kinds prunable)."""
+    return (config.allocation in ("uniform", "softmax-modular") and config.rho == "auto"
+            and config.prune_attention and config.prune_mlp)
+
+
 def needs_holdout(config: PruneConfig) -> bool:
     """Whether the allocation searches a parameter on held-back calibration windows."""
-    if config.allocation.startswith("softmax"):
-        return config.temperature == "auto"
-    return config.allocation == "uniform" and config.rho == "auto" and config.prune_attention and config.prune_mlp
+    if config.allocation.startswith("softmax") and config.temperature == "auto":
+        return True
+    return needs_rho_search(config)
 
 
 RHO_CANDIDATES = (0.0, 0.5, 1.0)
@@ -235,7 +241,8 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         keep.update(zip(keys, kept))
         return Allocation(keep, info)
 
-    if config.allocation == "uniform":  # rho == "auto": choose the attention/MLP split on held-back data
+    rho_auto = config.rho == "auto" and needs_rho_search(config)
+    if rho_auto:  # choose the attention/MLP split on held-back data, equal ratios over depth
         if holdout is None:
             raise ValueError("rho='auto' needs held-back calibration windows")
         hold_hidden, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
@@ -251,10 +258,12 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
                                dtype, config.batch_size)
             log.info("rho %.2f: held-back calibration loss %.4f", rho, loss)
             table.append((loss, rho, kept))
-        loss, rho, kept = min(table)
-        keep.update(zip(keys, kept))
-        info.update({"rho": rho, "rho_source": "auto", "rho_search": [[r, v] for v, r, _ in table]})
-        return Allocation(keep, info)
+        loss, rho_chosen, kept = min(table)
+        info.update({"rho": rho_chosen, "rho_source": "auto", "rho_search": [[r, v] for v, r, _ in table]})
+        if config.allocation == "uniform":
+            keep.update(zip(keys, kept))
+            return Allocation(keep, info)
+    rho_modular = info["rho"] if rho_auto else (1.0 if config.rho == "auto" else float(config.rho))
 
     unit = [scores[i].heads if k == "attn" else scores[i].neurons for i, k in keys]
     if config.layer_importance == "relative":  # a layer's output relative to the stream it is added to
@@ -267,9 +276,8 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     def rule(t: float) -> list[float]:
         if config.allocation == "softmax":
             return alloc.softmax_energy(importance, p, sparsity, t, max_sparsity=max_s)
-        rho = 1.0 if config.rho == "auto" else float(config.rho)
         return alloc.softmax_modular(importance, p, kinds, [i for i, _ in keys], sparsity, t,
-                                     rho=max(rho, 1e-6), gamma=config.gamma, max_sparsity=max_s)
+                                     rho=max(rho_modular, 1e-6), gamma=config.gamma, max_sparsity=max_s)
 
     if config.temperature != "auto":
         t, relative = temperature_value(config.temperature)
