@@ -263,7 +263,8 @@ def measure_structprune(folder: Path, args: argparse.Namespace, calib: Path, env
     cmd = [sys.executable, str(BENCH / "_cli_runner.py"), "prune", str(folder), "--sparsity", str(args.sparsity),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calib", str(calib),
            "--out", str(out), "--overwrite", "--device", args.device, "--dtype", args.dtype, "--no-progress",
-           "--log-level", "WARNING"] + (["--reconstruction", args.reconstruction] if args.reconstruction else [])
+           "--log-level", "WARNING"] + (["--reconstruction", args.reconstruction] if args.reconstruction else []) \
+        + (["--rho", args.rho] if args.rho else [])
     rc, text, wall = run(cmd, env, logs / f"{folder.name}-structprune.log")
     row: dict = {"wall_seconds": wall, "host_peak_rss_bytes": parse_int(text, "host_peak_rss_bytes"),
                  "cuda_peak_bytes": parse_int(text, "cuda_peak_bytes")}
@@ -311,6 +312,7 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, final: bool) -> No
                 "(row field 'reference': 'in memory', or 'streamed' one layer at a time where the global "
                 "baseline was skipped; loading not timed)",
         "reconstruction": args.reconstruction or "lstsq (CLI default)",
+        "rho": args.rho or "auto (CLI default)",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -342,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 256; --quick: 128)")
     p.add_argument("--sparsity", type=float, default=0.3)
     p.add_argument("--reconstruction", default=None, help="structprune re-fit (default: the CLI's, lstsq)")
+    p.add_argument("--rho", default=None, help="structprune --rho (default: the CLI's, auto: a held-back search)")
     p.add_argument("--cache", default="/tmp/structprune-memory", help="checkpoint cache folder")
     p.add_argument("--out", default=str(RESULTS / "memory"), help="output prefix: OUT.json and OUT.png")
     p.add_argument("--quick", action="store_true", help="small run: 125m 350m, 2 windows of 128 tokens")
