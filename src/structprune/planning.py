@@ -187,11 +187,11 @@ def masked_loss(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer
     nll, count = 0.0, 0
     for b, x in enumerate(xs):
         ids = holdout[b * batch_size : (b + 1) * batch_size]
-        logits = adapter.logits(model, x.to(dtype)).float()[:, :-1]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="sum")
-        nll += float(loss)
-        count += ids[:, 1:].numel()
+        for j in range(x.shape[0]):  # one window's full-vocabulary logits at a time (host memory)
+            with torch.no_grad():
+                logits = adapter.logits(model, x[j:j + 1].to(dtype)).float()[0, :-1]
+                nll += float(nn.functional.cross_entropy(logits, ids[j, 1:], reduction="sum"))
+            count += ids[j, 1:].numel()
     return nll / count
 
 
