@@ -87,3 +87,24 @@ def test_rho_auto_picks_the_split_with_the_lowest_held_back_loss(rule):
     if rule == "softmax-modular":
         assert info["temperature_source"] == "auto"
     assert abs(res.plan.actual_sparsity - 0.2) < 0.03
+
+
+def test_rho_search_scores_units_on_a_token_prefix(monkeypatch):
+    """The uniform rule's rho search ranks units on at most RHO_SEARCH_TOKENS calibration tokens (whole
+    batches); the adaptive rules score on the whole stream."""
+    from structprune import planning
+
+    seen = []
+    real = planning.importance_pass
+
+    def spy(model, layers, dense_layer, adapter, hidden, *args, **kwargs):
+        seen.append(sum(x.shape[0] * x.shape[1] for x in hidden))
+        return real(model, layers, dense_layer, adapter, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(planning, "importance_pass", spy)
+    monkeypatch.setattr(planning, "RHO_SEARCH_TOKENS", 4 * 24)
+    model = tiny_model("llama")
+    base = dict(sparsity=0.2, nsamples=16, seqlen=24, batch_size=4, device="cpu", rho="auto")
+    sp.prune(model, sp.PruneConfig(**base), calib_windows=windows(16), progress=False)
+    sp.prune(model, sp.PruneConfig(**base, allocation="softmax"), calib_windows=windows(16), progress=False)
+    assert seen == [4 * 24, 14 * 24]  # one batch of 4 windows; all 14 pruning windows (2 held back)

@@ -209,6 +209,18 @@ def needs_holdout(config: PruneConfig) -> bool:
 
 
 RHO_CANDIDATES = (0.0, 0.5, 1.0)
+RHO_SEARCH_TOKENS = 16 * 512  # calibration tokens that score units for the uniform rule's rho search
+
+
+def _token_prefix(hidden: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """The first batches of the calibration stream holding at least `tokens` tokens (all if fewer)."""
+    out, have = [], 0
+    for x in hidden:
+        if have >= tokens:
+            break
+        out.append(x)
+        have += x.shape[0] * x.shape[1]
+    return out
 
 
 def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn.ModuleList,
@@ -231,7 +243,11 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         return Allocation(keep, info)
 
     closed = config.allocation == "closed-form"
-    scores = importance_pass(model, layers, dense_layer, adapter, hidden, calls, config, device, dtype, closed,
+    # The uniform rule's rho search uses the scores only to mask units in its proxy: a prefix of
+    # the calibration stream (RHO_SEARCH_TOKENS) ranks them well enough and keeps the search cheap
+    # on large calibration sets. The adaptive rules compare layers by them: the whole stream.
+    scored = _token_prefix(hidden, RHO_SEARCH_TOKENS) if config.allocation == "uniform" else hidden
+    scores = importance_pass(model, layers, dense_layer, adapter, scored, calls, config, device, dtype, closed,
                              progress)
     max_s = config.max_layer_sparsity
     if closed:
