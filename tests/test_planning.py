@@ -108,3 +108,12 @@ def test_rho_search_scores_units_on_a_token_prefix(monkeypatch):
     sp.prune(model, sp.PruneConfig(**base), calib_windows=windows(16), progress=False)
     sp.prune(model, sp.PruneConfig(**base, allocation="softmax"), calib_windows=windows(16), progress=False)
     assert seen == [4 * 24, 14 * 24]  # one batch of 4 windows; all 14 pruning windows (2 held back)
+
+
+def test_attention_only_pruning_keeps_every_neuron(family):
+    """prune_mlp=False: the attention's rounding to whole heads is not carried into the MLP."""
+    model = tiny_model(family)
+    res = sp.prune(model, sp.PruneConfig(sparsity=0.1, nsamples=8, seqlen=24, device="cpu", prune_mlp=False, rho=1.0),
+                   calib_windows=windows(8), progress=False)
+    assert all(len(lp.kept_neurons) == lp.dense_shape["intermediate_size"] for lp in res.plan.layers)
+    assert any(len(lp.kept_heads) < lp.dense_shape["num_heads"] for lp in res.plan.layers)

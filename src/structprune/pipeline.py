@@ -107,15 +107,18 @@ def finish(source_config: Any, out: nn.Module, adapter: Adapter, config: PruneCo
 class _Budget:
     """Turns per-module kept fractions into parameter targets. The rounding of a layer's
     attention (coarse: whole heads) is carried into the same layer's MLP (fine: neurons), and
-    no further, so equal fractions give equal layer shapes (a vanilla checkpoint)."""
+    no further, so equal fractions give equal layer shapes (a vanilla checkpoint); never into an
+    MLP that may not be pruned (prune_mlp=False): it keeps every neuron."""
 
-    def __init__(self, keep: dict[tuple[int, str], float], params: dict[tuple[int, str], int]) -> None:
+    def __init__(self, keep: dict[tuple[int, str], float], params: dict[tuple[int, str], int],
+                 carry_into_mlp: bool = True) -> None:
         self.keep = keep
         self.params = params
         self.carry = 0.0
+        self.carry_into_mlp = carry_into_mlp
 
     def target(self, key: tuple[int, str]) -> float:
-        carry = self.carry if key[1] == "mlp" else 0.0
+        carry = self.carry if key[1] == "mlp" and self.carry_into_mlp else 0.0
         return self.keep[key] * self.params[key] + carry
 
     def spent(self, key: tuple[int, str], target: float, actual: int) -> None:
@@ -460,7 +463,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
         alloc_info = {**allocation.info, "seconds": time.perf_counter() - t_alloc}
         if sink is not None and sink.release and hasattr(sink, "release_rest"):
             sink.release_rest(out, prefix)  # embeddings and head: written now, not held through the loop
-        budget = _Budget(allocation.keep, module_params(adapter))
+        budget = _Budget(allocation.keep, module_params(adapter), carry_into_mlp=config.prune_mlp)
         xd: list[torch.Tensor] | None = hidden if config.target == "dense" else None
         xp = hidden
         pruner = LayerPruner(config, adapter, device, dtype, gen)
