@@ -22,17 +22,20 @@ CELLS = [
     ("quality_flap.json", "flap", "flap"),
     ("quality_best.json", "global", "global (whole-model Taylor, O(N))"),
     ("quality_best.json", "global-ffn", "global, FFN only"),
-    ("quality_best.json", "structprune", "structprune default (uniform)"),
+    ("quality_default.json", "structprune-default", "structprune default (uniform, rho auto: FFN only)"),
+    ("quality_admm.json", "structprune-admm2", "structprune default masks + ADMM (2 iterations)"),
     ("quality_alloc_rel_0.2.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
     ("quality_alloc_rel_0.3.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
     ("quality_alloc_rel_0.5.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
     ("quality_best.json", "structprune-rel-obs", "structprune softmax relative + OBS selection, FFN only"),
-    ("quality_best.json", "structprune-rel-obs-lora100", "the same + LoRA 100 steps (fine-tuned)"),
+    ("quality_best.json", "structprune-rel-lora100", "structprune softmax relative, FFN only + LoRA 100 steps (fine-tuned)"),
 ]
 SETTINGS = {"model": "smollm2-135m", "nsamples": 16, "seqlen": 512, "windows": 64, "calib": "wiki"}
 
 
 def build() -> dict:
+    from structprune.bench import _settings_from_protocol
+
     out: dict = {"cells": {}, "sources": {}}
     for source, method, name in CELLS:
         path = RESULTS / source
@@ -40,7 +43,8 @@ def build() -> dict:
             print(f"skipped {source}: not there", file=sys.stderr)
             continue
         run = json.loads(path.read_text())
-        settings = {k: run.get("settings", {}).get(k) for k in SETTINGS}
+        recorded = run.get("settings") or _settings_from_protocol(run.get("protocol")) or {}
+        settings = {k: recorded.get(k) for k in SETTINGS}
         if settings != SETTINGS:
             raise ValueError(f"{source} was run with {settings}, not {SETTINGS}")
         for key, cell in run["cells"].items():

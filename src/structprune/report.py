@@ -38,11 +38,12 @@ def perplexity_png(results: dict[str, Any], path: Path, title: str = "") -> None
     fig, axes = plt.subplots(1, len(texts), figsize=(5.2 * len(texts), 4), dpi=110, squeeze=False)
     dense = results.get("dense", {})
     for ax, text in zip(axes[0], texts):
-        for m in methods:
+        for idx, m in enumerate(methods):  # one colour and marker per method in every panel
             pts = sorted((c["actual"], _ppl(c, text)) for c in cells.values()
                          if c["method"] == m and _ppl(c, text) is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "os^vD"[idx // 10 % 5] + "-", color=f"C{idx % 10}",
+                        label=m)
         d = dense.get("perplexity_by_text", {}).get(text, dense.get("perplexity") if text == "wiki" else None)
         if d is not None:
             ax.axhline(d, color="grey", ls=":", label=f"dense {d:.2f}")
