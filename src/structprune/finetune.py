@@ -73,16 +73,10 @@ def lora_targets(model: nn.Module) -> list[str]:
     """Full names of the linear projections inside the decoder layers (LoRA targets)."""
     from transformers.pytorch_utils import Conv1D
 
-    layers = {id(m) for m in get_adapter(model.config).decoder_layers(model)}
-    names: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)):
-            parent = name
-            while "." in parent:  # is any ancestor a decoder layer?
-                parent = parent.rsplit(".", 1)[0]
-                if id(model.get_submodule(parent)) in layers:
-                    names.append(name)
-                    break
+    name_of = {id(m): n for n, m in model.named_modules()}
+    names = [f"{name_of[id(layer)]}.{sub}"
+             for layer in get_adapter(model.config).decoder_layers(model)
+             for sub, module in layer.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
     if not names:
         raise ValueError(f"no linear projections found in the decoder layers of {type(model).__name__}")
     return names

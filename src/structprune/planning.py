@@ -257,11 +257,13 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         keep.update(zip(keys, kept))
         return Allocation(keep, info)
 
-    rho_auto = config.rho == "auto" and needs_rho_search(config)
-    if rho_auto:  # choose the attention/MLP split on held-back data, equal ratios over depth
+    hold_hidden: list[torch.Tensor] = []
+    if needs_holdout(config):  # layer-0 inputs of the held-back windows, shared by the rho and T searches
         if holdout is None:
-            raise ValueError("rho='auto' needs held-back calibration windows")
+            raise ValueError("rho='auto' and temperature='auto' need held-back calibration windows")
         hold_hidden, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
+    rho_auto = needs_rho_search(config)
+    if rho_auto:  # choose the attention/MLP split on held-back data, equal ratios over depth
         table = []
         for rho in RHO_CANDIDATES:
             try:
@@ -301,9 +303,6 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
             t *= scale
         info.update({"temperature": t, "temperature_source": "given", "score_scale": scale})
     else:
-        if holdout is None:
-            raise ValueError("temperature='auto' needs held-back calibration windows")
-        hold_hidden, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
         bar = tqdm(desc="temperature search", disable=not progress, unit="T")
 
         def proxy(t: float) -> float:
