@@ -43,7 +43,7 @@ def test_harness_resumes_without_recomputing(tiny_run, capsys):
     assert abs(cell["actual"] - 0.2) < 0.03
     assert set(cell["perplexity_by_text"]) == {str(tiny_run / "a.txt"), str(tiny_run / "b.txt")}
     assert cell["memory"]["peak_rss_bytes"] > 0 and cell["time_ratio"] > 0
-    assert (out.parent / "plans" / "flap@0.2.json").is_file()
+    assert (out.parent / "plans" / "flap@0.2.calib-calib-4x16.json").is_file()  # named after its calibration
     assert main(_argv(tiny_run, out, "--methods", "flap", "magnitude", "--sparsities", 0.2, 0.5)) == 0
     done = load_results(out)
     assert set(done["cells"]) == {"flap@0.2", "flap@0.5", "magnitude@0.2", "magnitude@0.5"}
@@ -127,3 +127,13 @@ def test_pydoc_splits_are_disjoint(tmp_path, monkeypatch):
     ev, cal = load_text("pydoc", "eval"), load_text("pydoc", "calib")
     assert "number 0" in ev and "number 2" in ev and "number 1" in cal and "number 3" in cal
     assert not set(ev.split("\n\n")) & set(cal.split("\n\n"))
+
+
+def test_plans_of_runs_with_other_calibration_do_not_overwrite_each_other(tiny_run):
+    plans = tiny_run / "res2" / "plans"
+    for n, name in ((4, "a.json"), (2, "b.json")):
+        assert main(_argv(tiny_run, tiny_run / "res2" / name, "--methods", "magnitude", "--sparsities", 0.3)
+                    + ["--nsamples", str(n)]) == 0
+    assert sorted(p.name for p in plans.iterdir()) == ["magnitude@0.3.calib-calib-2x16.json",
+                                                      "magnitude@0.3.calib-calib-4x16.json"]
+    assert BenchSettings().plan_name("flap@0.2") == "flap@0.2.json"  # the harness default keeps the plain name

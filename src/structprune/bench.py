@@ -60,6 +60,14 @@ class BenchSettings:
         return {"model": self.model, "nsamples": self.nsamples, "seqlen": self.seqlen, "windows": self.windows,
                 "calib": self.calib}
 
+    def plan_name(self, key: str) -> str:
+        """File name of a cell's plan in plans/. Runs with other calibration settings share that
+        folder, so their plans carry the calibration in the name (the harness default keeps the
+        plain `<cell>.json`): a 64-window run never overwrites the 16-window plan of the same cell."""
+        if (self.calib, self.nsamples, self.seqlen) == ("wiki", 16, 512):
+            return f"{key}.json"
+        return f"{key}.calib-{Path(self.calib).stem}-{self.nsamples}x{self.seqlen}.json"
+
 
 # --- memory and time ----------------------------------------------------------------------------
 
@@ -181,7 +189,7 @@ def _check_disjoint(settings: BenchSettings) -> None:
 
 def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the grid into `out` (JSON); returns the results dict. Plans of finished
-    cells are saved beside it in plans/<cell>.json."""
+    cells are saved beside it in plans/ (`BenchSettings.plan_name`)."""
     import structprune as sp
 
     from .arch import get_adapter
@@ -248,7 +256,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
         key = cell_key(method, settings.tag, s)
         cfg = method_config(method, sparsity=s, nsamples=settings.nsamples, seqlen=settings.seqlen,
                             calib=settings.calib, device=settings.device, **settings.overrides)
-        masks = sp.PrunePlan.load(plans / f"{cell_key(settings.masks_from, '', s)}.json") \
+        masks = sp.PrunePlan.load(plans / settings.plan_name(cell_key(settings.masks_from, '', s))) \
             if settings.masks_from else None
         holdout = None
         if needs_holdout(cfg):
@@ -286,7 +294,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
             **({"lora": lora} if lora is not None else {}),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        plan.save(plans / f"{key}.json")
+        plan.save(plans / settings.plan_name(key))
         write_atomic(out, results)
         echo(f"{key}: actual {plan.actual_sparsity:.3f} " + " ".join(f"{t} {v:.2f}" for t, v in ppl.items())
              + f" ({seconds:.0f} s, {seconds / ref:.1f}x dense fwd, peak RSS {memory['peak_rss_bytes'] / 2**20:.0f} MiB)")
