@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 DEFAULT_METHODS = ("random", "wanda-sp", "flap", "structprune")
 DEFAULT_SPARSITIES = (0.2, 0.3, 0.5)
 DEFAULT_TEXTS = ("wiki", "pydoc")
+DEFAULT_CALIB = "wiki"
+FULL = {"nsamples": 16, "seqlen": 512, "windows": 64}  # the harness default (16 windows: CPU time)
 QUICK = {"nsamples": 2, "seqlen": 128, "windows": 2}
 
 
@@ -43,10 +45,10 @@ class BenchSettings:
     model: str = "smollm2-135m"
     methods: tuple[str, ...] = DEFAULT_METHODS
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
-    nsamples: int = 16
-    seqlen: int = 512
-    windows: int = 64
-    calib: str = "wiki"
+    nsamples: int = FULL["nsamples"]
+    seqlen: int = FULL["seqlen"]
+    windows: int = FULL["windows"]
+    calib: str = DEFAULT_CALIB
     texts: tuple[str, ...] = DEFAULT_TEXTS
     overrides: dict[str, Any] = field(default_factory=dict)  # PruneConfig fields for every cell
     tag: str = ""
@@ -64,7 +66,7 @@ class BenchSettings:
         """File name of a cell's plan in plans/. Runs with other calibration settings share that
         folder, so their plans carry the calibration in the name (the harness default keeps the
         plain `<cell>.json`): a 64-window run never overwrites the 16-window plan of the same cell."""
-        if (self.calib, self.nsamples, self.seqlen) == ("wiki", 16, 512):
+        if (self.calib, self.nsamples, self.seqlen) == (DEFAULT_CALIB, FULL["nsamples"], FULL["seqlen"]):
             return f"{key}.json"
         return f"{key}.calib-{Path(self.calib).stem}-{self.nsamples}x{self.seqlen}.json"
 

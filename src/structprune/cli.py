@@ -311,15 +311,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_quality_options(p: argparse.ArgumentParser, out: str = "benchmarks/results/quality.json") -> None:
     """Options of `structprune bench quality` (also benchmarks/quality.py)."""
-    from .bench import DEFAULT_METHODS, DEFAULT_SPARSITIES, DEFAULT_TEXTS, QUICK
+    from .bench import DEFAULT_CALIB, DEFAULT_METHODS, DEFAULT_SPARSITIES, DEFAULT_TEXTS, FULL, QUICK
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--sparsities", nargs="+", type=float, default=list(DEFAULT_SPARSITIES))
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 16; quick 2)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512; quick 128)")
-    p.add_argument("--windows", type=int, default=None, help="evaluation windows per text (default 64; quick 2)")
-    p.add_argument("--calib", default="wiki", help="calibration text (its calibration split)")
+    for name, what in (("nsamples", "calibration windows"), ("seqlen", "tokens per window"),
+                       ("windows", "evaluation windows per text")):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"{what} (default {FULL[name]}; quick {QUICK[name]})")
+    p.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (its calibration split)")
     p.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS),
                    help="evaluation texts (their eval splits): wiki, pydoc (Debian python3.11-doc) or files")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -342,9 +342,9 @@ def add_quality_options(p: argparse.ArgumentParser, out: str = "benchmarks/resul
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench import QUICK, BenchSettings, parse_field, render, run_quality
+    from .bench import FULL, QUICK, BenchSettings, parse_field, render, run_quality
 
-    quick = QUICK if args.quick else {"nsamples": 16, "seqlen": 512, "windows": 64}
+    quick = QUICK if args.quick else FULL
     overrides = {}
     for kv in args.set:
         if "=" not in kv:
