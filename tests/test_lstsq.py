@@ -258,3 +258,40 @@ def test_retry_source_is_dropped_once_factored():
     got, lam2 = _damped_solve(held[0].double(), rhs, 0.01, reload=lambda: held[0].double(), on_factored=held.clear)
     torch.testing.assert_close(got, plain)
     assert lam2 == lam and held == []
+
+
+def test_refit_to_target_matches_lstsq_reference_and_mixes_with_the_local_target():
+    from structprune.reconstruct.lstsq import refit_to_target
+
+    _, xp, w, b = _problem(3)
+    g = torch.Generator().manual_seed(4)
+    t = xp @ torch.randn(12, 5, generator=g, dtype=torch.float64) + 0.3 * torch.randn(400, 5, generator=g,
+                                                                                       dtype=torch.float64)
+    keep = torch.tensor([1, 2, 4, 5, 8, 10])
+    design = torch.cat([xp[:, keep], torch.ones(len(xp), 1, dtype=torch.float64)], dim=1)
+    x_aug = torch.cat([xp, torch.ones(len(xp), 1, dtype=torch.float64)], dim=1)
+    for mix in (1.0, 0.5):
+        acc = GramAccumulator(12)
+        for chunk in range(4):
+            acc.add_batch(xp[chunk * 100:(chunk + 1) * 100])
+        target = (1 - mix) * (xp @ w.T + b) + mix * t
+        new_w, new_b, errs = refit_to_target(w, b, acc, t.T @ x_aug, float((t * t).sum()), keep, 1e-10, mix)
+        ref = torch.linalg.lstsq(design, target).solution.T
+        torch.testing.assert_close(new_w, ref[:, :-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(new_b, ref[:, -1], rtol=1e-5, atol=1e-5)
+        direct = float(((design @ ref.T - target) ** 2).sum(1).mean())
+        assert abs(errs["error"] - direct) < 1e-6 * direct
+        sliced = float(((xp[:, keep] @ w[:, keep].T + b - target) ** 2).sum(1).mean())
+        assert abs(errs["error_none"] - sliced) < 1e-6 * sliced
+    # mix 0 is the local re-fit exactly
+    acc, ref_acc = GramAccumulator(12), GramAccumulator(12)
+    acc.add_batch(xp)
+    ref_acc.add_batch(xp)
+    local_w, local_b, _ = refit_consumer(w, b, ref_acc, keep, 1e-3)
+    mix0_w, mix0_b, _ = refit_to_target(w, b, acc, t.T @ x_aug, float((t * t).sum()), keep, 1e-3, 0.0)
+    torch.testing.assert_close(mix0_w, local_w)
+    torch.testing.assert_close(mix0_b, local_b)
+    two = GramAccumulator(12)
+    two.add_batch(xp, xp + 1)
+    with pytest.raises(ValueError, match="single-stream"):
+        refit_to_target(w, b, two, t.T @ x_aug, 1.0, keep, 1e-3)

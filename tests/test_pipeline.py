@@ -124,3 +124,31 @@ def test_plan_replays_onto_dense_model():
     apply_plan(replay, get_adapter(replay.config), plan)
     ids = windows(2)
     torch.testing.assert_close(logits(replay, ids), logits(res.model, ids), rtol=1e-4, atol=1e-5)
+
+
+def _final_hidden_error(dense, pruned, ids):
+    with torch.no_grad():
+        a = dense(ids, output_hidden_states=True).hidden_states[-1]
+        b = pruned(ids, output_hidden_states=True).hidden_states[-1]
+    return float(((a - b) ** 2).mean())
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_residual_target_tracks_the_dense_stream_better_than_the_local_target(fam):
+    """The residual target corrects, in each layer's MLP, the error earlier layers left in the
+    stream: on the calibration text the pruned model's last hidden states end closer to the dense."""
+    model = tiny_model(fam)
+    ids = windows(16, 32)
+    errs = {}
+    for target in ("local", "residual"):
+        res = sp.prune(model, _cfg(sparsity=0.4, nsamples=16, seqlen=32, target=target), calib_windows=ids,
+                       progress=False)
+        errs[target] = _final_hidden_error(model, res.model, ids)
+        assert all(r["error"] <= r["error_none"] * (1 + 1e-6) for lp in res.plan.layers for r in lp.recon.values())
+    assert errs["residual"] < errs["local"]
+
+
+def test_residual_target_refuses_families_that_normalise_the_mlp_output():
+    model = tiny_model("gemma3_text")
+    with pytest.raises(ValueError, match="target='residual'.*target='local'"):
+        sp.prune(model, _cfg(target="residual"), calib_windows=windows(8), progress=False)

@@ -52,12 +52,12 @@ def test_relative_temperature_is_a_multiple_of_the_score_scale():
 
 
 def test_relative_layer_importance_divides_by_the_stream_rms():
-    """layer_importance="relative" (the default) scales each layer's importance by 1 / RMS of its input stream."""
+    """layer_importance="relative" scales each layer's importance by 1 / RMS of its input stream."""
     model = tiny_model("llama")
     base = dict(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation="softmax", temperature="1x")
     raw = sp.prune(model, sp.PruneConfig(**base, layer_importance="raw"), calib_windows=windows(8),
                    progress=False).plan.allocation
-    rel = sp.prune(model, sp.PruneConfig(**base), calib_windows=windows(8),
+    rel = sp.prune(model, sp.PruneConfig(**base, layer_importance="relative"), calib_windows=windows(8),
                    progress=False).plan.allocation
     assert rel["layer_importance"] == "relative" and raw["layer_importance"] == "raw"
     ratio = {k: rel["importance"][k] / raw["importance"][k] for k in raw["importance"]}
@@ -117,3 +117,35 @@ def test_attention_only_pruning_keeps_every_neuron(family):
                    calib_windows=windows(8), progress=False)
     assert all(len(lp.kept_neurons) == lp.dense_shape["intermediate_size"] for lp in res.plan.layers)
     assert any(len(lp.kept_heads) < lp.dense_shape["num_heads"] for lp in res.plan.layers)
+
+
+def test_robust_layer_importance_ignores_massive_activation_tokens():
+    """A few tokens with a huge residual norm (massive activations) inflate a layer's stream RMS,
+    so "relative" undervalues every layer after them; "robust" divides by the median token RMS,
+    which they do not move."""
+    from structprune.planning import dense_consumer_stats
+    from structprune.streaming import calibration_mode, capture_layer_inputs
+
+    model = tiny_model("llama")
+    ad = get_adapter(model.config)
+    layers = ad.decoder_layers(model)
+    with calibration_mode(model), torch.no_grad():
+        hidden, calls = capture_layer_inputs(model, layers, windows(4, 24), 4)
+    spiked = [h.clone() for h in hidden]
+    spiked[0][0, 3] *= 1e3  # one token of 96
+    stats = {}
+    for name, xs in (("plain", hidden), ("spiked", spiked)):
+        with torch.no_grad():
+            stats[name] = [scale for _, _, _, _, scale in dense_consumer_stats(
+                ad, lambda i: layers[i], xs, calls, "cpu", torch.float32, progress=False)]
+    rms_plain, median_plain = stats["plain"][0]
+    rms_spiked, median_spiked = stats["spiked"][0]
+    assert rms_spiked > 10 * rms_plain
+    assert median_spiked == pytest.approx(median_plain, rel=0.05)
+    base = dict(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation="softmax", temperature="1x")
+    rob = sp.prune(model, sp.PruneConfig(**base, layer_importance="robust"), calib_windows=windows(8),
+                   progress=False).plan.allocation
+    raw = sp.prune(model, sp.PruneConfig(**base, layer_importance="raw"), calib_windows=windows(8),
+                   progress=False).plan.allocation
+    assert rob["layer_importance"] == "robust" == sp.PruneConfig().layer_importance  # the default
+    assert rob["importance"] != raw["importance"]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ALLOCATIONS, RECONSTRUCTIONS, SCORERS, SELECTIONS, TARGETS
+from .config import ALLOCATIONS, LAYER_IMPORTANCE, RECONSTRUCTIONS, SCORERS, SELECTIONS, TARGETS
 
 log = logging.getLogger("structprune")
 DEFAULT_MODEL = "smollm2-135m"
@@ -51,8 +51,9 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
     p.add_argument("--temperature", default=None,
                    help="softmax allocation temperature: auto (search on held-back calibration data), a number, "
                         "or a multiple of the score scale such as 0.1x")
-    p.add_argument("--layer-importance", choices=("raw", "relative"), default=None,
-                   help="softmax rules: compare layers by raw scores or relative to the residual stream's RMS")
+    p.add_argument("--layer-importance", choices=LAYER_IMPORTANCE, default=None,
+                   help="softmax rules: compare layers by raw scores, relative to the residual stream's RMS, or "
+                        "robust: relative to its median token RMS (blind to massive activations)")
     p.add_argument("--rho", default=None,
                    help="attention pruning ratio relative to MLP (uniform, softmax-modular): auto (default) or a number "
                         ">= 0; 0 prunes only FFN neurons")
@@ -68,7 +69,10 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
                    help="ADMM on attention: value-projection gradient steps per iteration, alternating with the "
                         "output projection's least squares (default 10; 0: output projection re-fit only)")
     p.add_argument("--target", choices=TARGETS, default=None,
-                   help="re-fit target: local (dense layer on the pruned inputs, default) or dense (dense-model outputs)")
+                   help="re-fit target: local (dense layer on the pruned inputs, default), dense (dense-model consumer "
+                        "outputs) or residual (MLP output that puts the layer back on the dense model's residual stream)")
+    p.add_argument("--target-mix", type=float, default=None,
+                   help="target residual: its weight against the local target, in [0, 1] (default 1)")
     p.add_argument("--out", default=None, help="output folder for the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--resume", action="store_true",
@@ -85,7 +89,7 @@ def _config(args: argparse.Namespace) -> Any:
     return method_config(
         args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, batch_size=args.batch_size, scorer=args.scorer, selection=args.selection, allocation=args.allocation,
-        reconstruction=args.reconstruction, target=args.target, device=args.device, dtype=args.dtype,
+        reconstruction=args.reconstruction, target=args.target, target_mix=args.target_mix, device=args.device, dtype=args.dtype,
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
         admm_sgd_steps=args.admm_sgd_steps, admm_attn_steps=args.admm_attn_steps, layer_importance=args.layer_importance,

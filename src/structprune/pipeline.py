@@ -27,7 +27,7 @@ from .config import PruneConfig
 from .importance import column_scores, unit_scores
 from .plan import LayerPlan, PrunePlan
 from .planning import Allocation, allocate, module_params, needs_holdout
-from .reconstruct.lstsq import GramAccumulator, refit_consumer
+from .reconstruct.lstsq import GramAccumulator, refit_consumer, refit_to_target
 from .selection import neuron_count, obs_select_columns, obs_unit_costs, select_heads, select_neurons
 from .source import LayerSource, ModelSource, layers_prefix, skeleton
 from .streaming import (
@@ -138,12 +138,14 @@ class LayerPruner:
 
     def _stats(self, dense: nn.Module, pruned: nn.Module, consumer: Callable[[nn.Module], nn.Module],
                xd: list[torch.Tensor] | None, xp: list[torch.Tensor], call: tuple, want_dense_out: bool,
-               shared_prefix: bool, block_io: bool = False
+               shared_prefix: bool, block_io: bool = False, cross: bool = True
                ) -> tuple[GramAccumulator, list[torch.Tensor] | None, tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Gram statistics of `consumer`'s input on both streams; optionally the dense layer outputs.
 
         shared_prefix: the pruned layer is still identical to the dense one up to `consumer`, so
-        when both streams hold the same tensor the dense run can be skipped."""
+        when both streams hold the same tensor the dense run can be skipped.
+        cross: the dense stream's consumer inputs enter the statistics (target "dense"); without
+        it the statistics are single-stream and the dense stream only gives the layer outputs."""
         n = get_weight(consumer(pruned)).shape[1]
         acc = GramAccumulator(n, device=self.device, full=self.config.reconstruction != "none"
                               or self.config.selection == "obs")
@@ -170,6 +172,7 @@ class LayerPruner:
                         with _stop_after(consumer(dense)):
                             _safe_run(dense, xd[b].to(self.device, self.dtype), call)
                 x_d = sink_d[0]
+            x_d = x_d if cross else None
             acc.add_batch(sink_p[0], x_d)
             if block_io:
                 with torch.no_grad():
@@ -189,6 +192,39 @@ class LayerPruner:
         new_w, new_b, errors = refit_consumer(w, b, stats, keep_cols, self.config.damp, release=True)
         set_weight(module, new_w, new_b)
         return errors
+
+    def _residual_target(self, pruned: nn.Module, dense_out: list[torch.Tensor], xp: list[torch.Tensor],
+                         call: tuple) -> tuple[torch.Tensor, float]:
+        """The residual target of the MLP consumer, as sums over the calibration tokens.
+
+        For each token, t = (dense layer's output on the dense stream) - (pruned stream's residual
+        before the MLP), the residual h_mid = out - consumer(x) read off a full run of the pruned
+        layer (its MLP not yet sliced). A consumer that outputs t makes the layer's output equal
+        the dense model's, correcting the error the pruned layers before it left in the stream.
+        Returns (T = sum t x~_p^T [out, n+1] float64, sum ||t||^2)."""
+        consumer = self.adapter.down_proj(pruned)
+        n = get_weight(consumer).shape[1]
+        cross: torch.Tensor | None = None
+        sq = 0.0
+        for b in range(len(xp)):
+            sink_in: list[torch.Tensor] = []
+            sink_out: list[torch.Tensor] = []
+            handle = consumer.register_forward_hook(lambda _m, _a, o: sink_out.append(o))
+            try:
+                with capture_input(consumer, sink_in), torch.no_grad():
+                    out = run_layer(pruned, xp[b].to(self.device, self.dtype), call)
+            finally:
+                handle.remove()
+            x = sink_in[0].reshape(-1, n).double()
+            d = out.shape[-1]  # some families (OPT) run the MLP on flattened tokens
+            t = dense_out[b].to(self.device).reshape(-1, d).double() \
+                - (out.reshape(-1, d) - sink_out[0].reshape(-1, d)).double()
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+            part = t.T @ x
+            cross = part if cross is None else cross + part
+            sq += float((t * t).sum())
+            del x, t, out
+        return cross, sq
 
     def _admm(self, pruned: nn.Module, dense: nn.Module, keep: torch.Tensor, block_in: list[torch.Tensor],
               block_out: list[torch.Tensor]) -> dict[str, Any]:
@@ -265,7 +301,8 @@ class LayerPruner:
 
         # attention: score query heads on o_proj, keep whole KV groups, re-fit o_proj
         key = (index, "attn")
-        stats, _, _ = self._stats(dense, pruned, ad.o_proj, xd, xp, call, want_dense_out=False, shared_prefix=True)
+        stats, _, _ = self._stats(dense, pruned, ad.o_proj, xd if cfg.target == "dense" else None, xp, call,
+                                  want_dense_out=False, shared_prefix=True)
         head_scores = unit_scores(column_scores(cfg.scorer, get_weight(ad.o_proj(pruned)), stats, self.gen), hd)
         target = budget.target(key)
         if fixed is not None:  # replay a plan's masks (e.g. to compare re-fits on the same units)
@@ -291,7 +328,7 @@ class LayerPruner:
         admm = cfg.reconstruction == "admm"
         stats, dense_out, (block_in, block_out) = self._stats(
             dense, pruned, ad.down_proj, xd, xp, call, want_dense_out=xd is not None, shared_prefix=False,
-            block_io=admm)
+            block_io=admm, cross=cfg.target == "dense")
         neuron_scores = column_scores(cfg.scorer, get_weight(ad.down_proj(pruned)), stats, self.gen)
         target = budget.target(key)
         if fixed is not None:
@@ -304,9 +341,21 @@ class LayerPruner:
         else:
             keep_n = select_neurons(neuron_scores, target, ad.neuron_cost)
         budget.spent(key, target, keep_n.numel() * ad.neuron_cost)
-        if keep_n.numel() < shape.intermediate_size:
+        residual = None
+        if cfg.target == "residual" and cfg.reconstruction == "lstsq":  # before the MLP is sliced
+            residual = self._residual_target(pruned, dense_out, xp, call)
+        if keep_n.numel() < shape.intermediate_size or residual is not None:
             ad.slice_neurons(pruned, keep_n)
-            recon["mlp"] = self._refit(ad.down_proj(pruned), ad.down_proj(dense), stats, keep_n)
+            if residual is None:
+                recon["mlp"] = self._refit(ad.down_proj(pruned), ad.down_proj(dense), stats, keep_n)
+            else:
+                down = ad.down_proj(dense)
+                b = get_bias(down)
+                new_w, new_b, errors = refit_to_target(
+                    get_weight(down).detach().to(self.device, self.dtype), None if b is None else b.detach(),
+                    stats, residual[0], residual[1], keep_n, cfg.damp, cfg.target_mix, release=True)
+                set_weight(ad.down_proj(pruned), new_w, new_b)
+                recon["mlp"] = errors
             if admm:
                 recon["mlp"].update(self._admm(pruned, dense, keep_n, block_in, block_out))
         del stats, block_in, block_out
@@ -464,7 +513,10 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
         if sink is not None and sink.release and hasattr(sink, "release_rest"):
             sink.release_rest(out, prefix)  # embeddings and head: written now, not held through the loop
         budget = _Budget(allocation.keep, module_params(adapter), carry_into_mlp=config.prune_mlp)
-        xd: list[torch.Tensor] | None = hidden if config.target == "dense" else None
+        if config.target == "residual" and not adapter.mlp_adds_to_residual():
+            raise ValueError(f"target='residual' needs layers whose MLP output is added straight to the residual "
+                             f"stream; {source.config.model_type} normalises it first. Use target='local'")
+        xd: list[torch.Tensor] | None = hidden if config.target in ("dense", "residual") else None
         xp = hidden
         pruner = LayerPruner(config, adapter, device, dtype, gen)
         plans: list[LayerPlan] = []

@@ -50,6 +50,7 @@ class LayerScores:
     heads: torch.Tensor
     neurons: torch.Tensor
     stream_rms: float = 1.0  # RMS of the layer's input hidden states (the residual stream)
+    stream_median: float = 1.0  # median over tokens of each token's RMS there (blind to massive activations)
     heads_cf: torch.Tensor | None = None
     neurons_cf: torch.Tensor | None = None
 
@@ -89,10 +90,10 @@ def prunable_sparsity(config: PruneConfig, adapter: Adapter) -> float:
 def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list[torch.Tensor],
                          calls: list[tuple], device: torch.device, dtype: torch.dtype, full: bool = False,
                          desc: str = "statistics", progress: bool = True
-                         ) -> Iterator[tuple[int, nn.Module, GramAccumulator, GramAccumulator, float]]:
+                         ) -> Iterator[tuple[int, nn.Module, GramAccumulator, GramAccumulator, tuple[float, float]]]:
     """Stream the DENSE model one layer at a time over `hidden` (the layer-0 inputs) and yield
-    (index, layer on the device, o_proj input statistics, down_proj input statistics, RMS of the
-    layer's input hidden states); full=True also keeps the Gram matrices. One layer is on the
+    (index, layer on the device, o_proj input statistics, down_proj input statistics, (RMS of the
+    layer's input hidden states, median over tokens of each token's RMS)); full=True also keeps the Gram matrices. One layer is on the
     device at a time; its outputs feed the next."""
     xs = hidden
     for i in tqdm(range(adapter.num_layers), desc=desc, disable=not progress, unit="layer"):
@@ -103,9 +104,11 @@ def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list
         acc_d = GramAccumulator(get_weight(down).shape[1], device, full=full)
         nxt = []
         sq, count = 0.0, 0
+        token_rms = []
         for x in xs:
             sq += float(x.double().pow(2).sum())
             count += x.numel()
+            token_rms.append(x.double().pow(2).mean(-1).sqrt().flatten())
             so: list[torch.Tensor] = []
             sd: list[torch.Tensor] = []
             with capture_input(o, so), capture_input(down, sd):
@@ -114,7 +117,7 @@ def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list
             acc_d.add_batch(sd[0])
             nxt.append(y.float().cpu())
         xs = nxt
-        yield i, layer, acc_o, acc_d, (sq / max(count, 1)) ** 0.5
+        yield i, layer, acc_o, acc_d, ((sq / max(count, 1)) ** 0.5, float(torch.cat(token_rms).median()))
         del layer
 
 
@@ -126,13 +129,14 @@ def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseL
     gen = torch.Generator().manual_seed(config.seed)
     out: list[LayerScores] = []
     hd = adapter.head_dim
-    for _, layer, acc_o, acc_d, rms in dense_consumer_stats(adapter, dense_layer, hidden, calls, device, dtype,
+    for _, layer, acc_o, acc_d, (rms, median) in dense_consumer_stats(adapter, dense_layer, hidden, calls, device, dtype,
                                                             full=closed_form, desc="importance", progress=progress):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         scores = LayerScores(
             heads=unit_scores(column_scores(config.scorer, get_weight(o), acc_o, gen), hd),
             neurons=column_scores(config.scorer, get_weight(down), acc_d, gen),
             stream_rms=rms,
+            stream_median=median,
         )
         if closed_form:
             scores.heads_cf = _cf(o, acc_o, [head_columns(torch.tensor([h]), hd) for h in range(scores.heads.numel())])
@@ -286,6 +290,8 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     unit = [scores[i].heads if k == "attn" else scores[i].neurons for i, k in keys]
     if config.layer_importance == "relative":  # a layer's output relative to the stream it is added to
         unit = [u / max(scores[i].stream_rms, 1e-12) for u, (i, _) in zip(unit, keys)]
+    elif config.layer_importance == "robust":  # the same, relative to the typical token's stream
+        unit = [u / max(scores[i].stream_median, 1e-12) for u, (i, _) in zip(unit, keys)]
     info["layer_importance"] = config.layer_importance
     importance = alloc.normalise_importance(unit, p)
     info["importance"] = {f"{i}.{k}": v for (i, k), v in zip(keys, importance)}

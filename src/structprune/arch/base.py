@@ -64,6 +64,11 @@ class Adapter:
     def __init__(self, config: Any) -> None:
         self.config = config
 
+    def mlp_adds_to_residual(self) -> bool:
+        """True when the layer's output is its residual stream plus the MLP consumer's output
+        (pre-norm layers), so the consumer can be fitted to a residual-stream target."""
+        return True
+
     # --- sizes from the config (the dense model) -------------------------------------------
     @property
     def num_layers(self) -> int:

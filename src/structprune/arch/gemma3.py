@@ -13,3 +13,6 @@ class Gemma3Adapter(LlamaAdapter):
 
     def mlp_activation(self) -> str:
         return str(self.config.hidden_activation)
+
+    def mlp_adds_to_residual(self) -> bool:
+        return False  # post_feedforward_layernorm sits between down_proj and the residual add

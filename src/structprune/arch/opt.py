@@ -33,6 +33,9 @@ class OPTAdapter(Adapter):
     def down_proj(self, layer: nn.Module) -> nn.Module:
         return layer.fc2
 
+    def mlp_adds_to_residual(self) -> bool:
+        return bool(self.config.do_layer_norm_before)  # OPT-350m normalises after the residual add
+
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         dec = model.model.decoder
         if getattr(dec, "final_layer_norm", None) is not None:

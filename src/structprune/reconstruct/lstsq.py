@@ -402,6 +402,58 @@ def _refit_two_streams(weight: torch.Tensor, bias: torch.Tensor | None, stats: G
     return sol, {"error_none": error_none, "error": dense - 2 * float((rhs * sol).sum()) + quad}
 
 
+def refit_to_target(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stats: GramAccumulator,
+    target_cross: torch.Tensor,
+    target_sq: float,
+    keep: torch.Tensor,
+    damp: float,
+    mix: float = 1.0,
+    release: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """Re-fit a consumer on its kept columns towards an arbitrary per-token target t (e.g. the
+    dense model's residual stream minus the pruned one's, see pipeline), mixed with the local
+    target: y* = (1 - mix) W~ x~_p + mix t.
+
+    target_cross: T = sum t x~_p^T [out, n+1] (float64); target_sq: sum ||t||^2. The statistics
+    must be single-stream (x_p only). Then W' (G_KK + lam I) = (1 - mix) W~ G[:, K] + mix T[:, K]
+    + lam W~_K, damped towards the sliced weights as in refit_consumer; same returns and errors
+    (measured against y*). A non-finite solve falls back to the sliced weights and is logged."""
+    stats._check_live()
+    if not stats.single_stream:
+        raise ValueError("refit_to_target needs single-stream statistics (pruned inputs only)")
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix={mix!r} is invalid: use a fraction in [0, 1]")
+    dev = stats.gram.device
+    cols = _columns(keep, stats.n, bias is not None, dev)
+    w_aug = _augmented(weight, bias, dev)
+    sliced = w_aug[:, cols]
+    t = target_cross.to(dev, torch.float64)
+    wg = _wg(w_aug, stats.gram)  # W~ G [out, n+1]
+    local_sq = float((wg * w_aug).sum())
+    rhs = (1 - mix) * wg[:, cols] + mix * t[:, cols]
+    energy = (1 - mix) ** 2 * local_sq + 2 * mix * (1 - mix) * float((w_aug * t).sum()) + mix ** 2 * target_sq
+    del wg
+    g_kk = _block_rows(stats.gram, cols, cols).double()
+    if release:
+        stats.release()
+    error_none = energy - 2 * float((rhs * sliced).sum()) + float((sliced @ g_kk * sliced).sum())
+    sol, lam = _damped_solve(g_kk, rhs, damp, prior=sliced)
+    count = max(stats.count, 1)
+    if not torch.isfinite(sol).all():
+        log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
+        sol, error = sliced, error_none
+    else:
+        error = energy - 2 * float((rhs * sol).sum()) + float((sol @ g_kk * sol).sum())
+    errors = {"error_none": max(error_none / count, 0.0), "error": max(error / count, 0.0)}
+    if bias is None:
+        return sol.to(weight.device, weight.dtype).contiguous(), None, errors
+    return (sol[:, :-1].to(weight.device, weight.dtype).contiguous(),
+            sol[:, -1].to(bias.device, bias.dtype).contiguous(), errors)
+
+
 def reconstruction_error(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
