@@ -28,6 +28,9 @@ CELLS_CALIB64 = [
     ("quality_p64_global.json", "global-ffn", "global, FFN only"),
     ("quality_p64_default.json", "structprune", "structprune default (uniform, rho auto: FFN only)"),
     ("quality_p64_best.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
+    ("quality_p64_robust.json", "structprune-softmax-robust-ffn", "structprune softmax robust, FFN only"),
+    ("quality_p64_residual.json", "structprune-robust-res0.5",
+     "structprune softmax robust, FFN only, residual target (mix 0.5)"),
 ]
 CELLS_CALIB16 = [
     ("quality_best.json", "random", "random (FFN only)"),
