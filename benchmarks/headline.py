@@ -29,6 +29,8 @@ CELLS_CALIB64 = [
     ("quality_p64_default.json", "structprune", "structprune default (uniform, rho auto: FFN only)"),
     ("quality_p64_best.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
     ("quality_p64_robust.json", "structprune-softmax-robust-ffn", "structprune softmax robust, FFN only"),
+    ("quality_p64_robust_damp.json", "structprune-softmax-robust-ffn-damp0.1",
+     "structprune softmax robust, FFN only, damp 0.1"),
     ("quality_p64_residual.json", "structprune-robust-res0.5",
      "structprune softmax robust, FFN only, residual target (mix 0.5)"),
 ]
