@@ -69,8 +69,9 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
                    help="ADMM on attention: value-projection gradient steps per iteration, alternating with the "
                         "output projection's least squares (default 10; 0: output projection re-fit only)")
     p.add_argument("--target", choices=TARGETS, default=None,
-                   help="re-fit target: local (dense layer on the pruned inputs, default), dense (dense-model consumer "
-                        "outputs) or residual (MLP output that puts the layer back on the dense model's residual stream)")
+                   help="re-fit target: local (dense layer on the pruned inputs, default), dense (dense-model "
+                        "consumer outputs) or residual (MLP output that puts the layer back on the dense model's "
+                        "residual stream)")
     p.add_argument("--target-mix", type=float, default=None,
                    help="target residual: its weight against the local target, in [0, 1] (default 1)")
     p.add_argument("--out", default=None, help="output folder for the pruned model")
@@ -89,7 +90,8 @@ def _config(args: argparse.Namespace) -> Any:
     return method_config(
         args.method, sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, batch_size=args.batch_size, scorer=args.scorer, selection=args.selection, allocation=args.allocation,
-        reconstruction=args.reconstruction, target=args.target, target_mix=args.target_mix, device=args.device, dtype=args.dtype,
+        reconstruction=args.reconstruction, target=args.target, target_mix=args.target_mix, device=args.device,
+        dtype=args.dtype,
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
         admm_sgd_steps=args.admm_sgd_steps, admm_attn_steps=args.admm_attn_steps, layer_importance=args.layer_importance,

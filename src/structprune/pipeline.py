@@ -138,14 +138,17 @@ class LayerPruner:
 
     def _stats(self, dense: nn.Module, pruned: nn.Module, consumer: Callable[[nn.Module], nn.Module],
                xd: list[torch.Tensor] | None, xp: list[torch.Tensor], call: tuple, want_dense_out: bool,
-               shared_prefix: bool, block_io: bool = False, cross: bool = True
-               ) -> tuple[GramAccumulator, list[torch.Tensor] | None, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+               shared_prefix: bool, block_io: bool = False, cross: bool = True, residual: bool = False
+               ) -> tuple[GramAccumulator, list[torch.Tensor] | None, tuple[list[torch.Tensor], list[torch.Tensor]],
+                          tuple[torch.Tensor, float] | None]:
         """Gram statistics of `consumer`'s input on both streams; optionally the dense layer outputs.
 
         shared_prefix: the pruned layer is still identical to the dense one up to `consumer`, so
         when both streams hold the same tensor the dense run can be skipped.
         cross: the dense stream's consumer inputs enter the statistics (target "dense"); without
-        it the statistics are single-stream and the dense stream only gives the layer outputs."""
+        it the statistics are single-stream and the dense stream only gives the layer outputs.
+        residual: also the sums of the residual target (`_residual_sums`; needs want_dense_out): the
+        pruned run then goes through the whole layer instead of stopping at `consumer`."""
         n = get_weight(consumer(pruned)).shape[1]
         acc = GramAccumulator(n, device=self.device, full=self.config.reconstruction != "none"
                               or self.config.selection == "obs")
@@ -153,12 +156,19 @@ class LayerPruner:
         block_in: list[torch.Tensor] = []
         block_out: list[torch.Tensor] = []
         producer = self.adapter.mlp_producers(pruned)[0]
+        target: tuple[torch.Tensor, float] | None = None
         for b in range(len(xp)):
             sink_p: list[torch.Tensor] = []
             sink_in: list[torch.Tensor] = []
-            with capture_input(consumer(pruned), sink_p), _stop_after(consumer(pruned)), \
-                    capture_input(producer, sink_in if block_io else []):
-                _safe_run(pruned, xp[b].to(self.device, self.dtype), call)
+            sink_c: list[torch.Tensor] = []
+            last = (_capture_output(consumer(pruned), sink_c, stop=False) if residual
+                    else _stop_after(consumer(pruned)))
+            with capture_input(consumer(pruned), sink_p), last, capture_input(producer, sink_in if block_io else []):
+                if residual:
+                    with torch.no_grad():
+                        out_p = run_layer(pruned, xp[b].to(self.device, self.dtype), call)
+                else:
+                    _safe_run(pruned, xp[b].to(self.device, self.dtype), call)
             if block_io:
                 block_in.append(sink_in[0].reshape(-1, sink_in[0].shape[-1]).float().cpu())
             x_d = None  # None: the target is the dense weights applied to the pruned input
@@ -172,59 +182,35 @@ class LayerPruner:
                         with _stop_after(consumer(dense)):
                             _safe_run(dense, xd[b].to(self.device, self.dtype), call)
                 x_d = sink_d[0]
+            if residual:
+                part = _residual_sums(sink_p[0], sink_c[0], out_p, dense_out[-1])
+                target = part if target is None else (target[0] + part[0], target[1] + part[1])
+                del out_p
             x_d = x_d if cross else None
             acc.add_batch(sink_p[0], x_d)
             if block_io:
                 with torch.no_grad():
                     y = consumer(dense)(sink_p[0] if x_d is None else x_d)
                 block_out.append(y.reshape(-1, y.shape[-1]).float().cpu())
-        return acc, dense_out, (block_in, block_out)
+        return acc, dense_out, (block_in, block_out), target
 
     def _refit(self, module: nn.Module, dense_module: nn.Module, stats: GramAccumulator,
-               keep_cols: torch.Tensor) -> dict[str, float]:
-        """Set `module` (already sliced) to the re-fit of the dense consumer on `keep_cols`."""
+               keep_cols: torch.Tensor, target: tuple[torch.Tensor, float] | None = None) -> dict[str, float]:
+        """Set `module` (already sliced) to the re-fit of the dense consumer on `keep_cols`; with
+        `target` (the residual target's sums from `_stats`) towards that target (`refit_to_target`)."""
         if self.config.reconstruction == "none":  # slicing already done; no statistics for errors
             return {}
         # the dense module may be the host layer itself (see prune): read in the run dtype, never modified
         w, b = get_weight(dense_module).detach().to(self.device, self.dtype), get_bias(dense_module)
         b = None if b is None else b.detach().to(self.device, self.dtype)
         # the statistics serve one re-fit: their Gram is freed inside it, before the factorisation
-        new_w, new_b, errors = refit_consumer(w, b, stats, keep_cols, self.config.damp, release=True)
+        if target is None:
+            new_w, new_b, errors = refit_consumer(w, b, stats, keep_cols, self.config.damp, release=True)
+        else:
+            new_w, new_b, errors = refit_to_target(w, b, stats, target[0], target[1], keep_cols, self.config.damp,
+                                                   self.config.target_mix, release=True)
         set_weight(module, new_w, new_b)
         return errors
-
-    def _residual_target(self, pruned: nn.Module, dense_out: list[torch.Tensor], xp: list[torch.Tensor],
-                         call: tuple) -> tuple[torch.Tensor, float]:
-        """The residual target of the MLP consumer, as sums over the calibration tokens.
-
-        For each token, t = (dense layer's output on the dense stream) - (pruned stream's residual
-        before the MLP), the residual h_mid = out - consumer(x) read off a full run of the pruned
-        layer (its MLP not yet sliced). A consumer that outputs t makes the layer's output equal
-        the dense model's, correcting the error the pruned layers before it left in the stream.
-        Returns (T = sum t x~_p^T [out, n+1] float64, sum ||t||^2)."""
-        consumer = self.adapter.down_proj(pruned)
-        n = get_weight(consumer).shape[1]
-        cross: torch.Tensor | None = None
-        sq = 0.0
-        for b in range(len(xp)):
-            sink_in: list[torch.Tensor] = []
-            sink_out: list[torch.Tensor] = []
-            handle = consumer.register_forward_hook(lambda _m, _a, o: sink_out.append(o))
-            try:
-                with capture_input(consumer, sink_in), torch.no_grad():
-                    out = run_layer(pruned, xp[b].to(self.device, self.dtype), call)
-            finally:
-                handle.remove()
-            x = sink_in[0].reshape(-1, n).double()
-            d = out.shape[-1]  # some families (OPT) run the MLP on flattened tokens
-            t = dense_out[b].to(self.device).reshape(-1, d).double() \
-                - (out.reshape(-1, d) - sink_out[0].reshape(-1, d)).double()
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-            part = t.T @ x
-            cross = part if cross is None else cross + part
-            sq += float((t * t).sum())
-            del x, t, out
-        return cross, sq
 
     def _admm(self, pruned: nn.Module, dense: nn.Module, keep: torch.Tensor, block_in: list[torch.Tensor],
               block_out: list[torch.Tensor]) -> dict[str, Any]:
@@ -261,7 +247,7 @@ class LayerPruner:
         targets = []
         for x in xp:
             sink: list[torch.Tensor] = []
-            with _capture_output_and_stop(o_d, sink), torch.no_grad():
+            with _capture_output(o_d, sink), torch.no_grad():
                 _safe_run(dense, x.to(self.device, self.dtype), call)
             targets.append(sink[0].detach().float().cpu())
         count = sum(t.numel() // t.shape[-1] for t in targets)
@@ -269,7 +255,7 @@ class LayerPruner:
         def forward(b: int) -> tuple[torch.Tensor, torch.Tensor]:
             sink_in: list[torch.Tensor] = []
             sink_out: list[torch.Tensor] = []
-            with capture_input(o_p, sink_in), _capture_output_and_stop(o_p, sink_out):
+            with capture_input(o_p, sink_in), _capture_output(o_p, sink_out):
                 _safe_run(pruned, xp[b].to(self.device, self.dtype), call)
             return sink_in[0], sink_out[0]
 
@@ -301,8 +287,8 @@ class LayerPruner:
 
         # attention: score query heads on o_proj, keep whole KV groups, re-fit o_proj
         key = (index, "attn")
-        stats, _, _ = self._stats(dense, pruned, ad.o_proj, xd if cfg.target == "dense" else None, xp, call,
-                                  want_dense_out=False, shared_prefix=True)
+        stats, _, _, _ = self._stats(dense, pruned, ad.o_proj, xd if cfg.target == "dense" else None, xp, call,
+                                     want_dense_out=False, shared_prefix=True)
         head_scores = unit_scores(column_scores(cfg.scorer, get_weight(ad.o_proj(pruned)), stats, self.gen), hd)
         target = budget.target(key)
         if fixed is not None:  # replay a plan's masks (e.g. to compare re-fits on the same units)
@@ -326,9 +312,9 @@ class LayerPruner:
         # MLP: score neurons on the consumer, re-fit it; dense outputs become the next targets
         key = (index, "mlp")
         admm = cfg.reconstruction == "admm"
-        stats, dense_out, (block_in, block_out) = self._stats(
+        stats, dense_out, (block_in, block_out), residual = self._stats(
             dense, pruned, ad.down_proj, xd, xp, call, want_dense_out=xd is not None, shared_prefix=False,
-            block_io=admm, cross=cfg.target == "dense")
+            block_io=admm, cross=cfg.target == "dense", residual=cfg.target == "residual")
         neuron_scores = column_scores(cfg.scorer, get_weight(ad.down_proj(pruned)), stats, self.gen)
         target = budget.target(key)
         if fixed is not None:
@@ -341,21 +327,9 @@ class LayerPruner:
         else:
             keep_n = select_neurons(neuron_scores, target, ad.neuron_cost)
         budget.spent(key, target, keep_n.numel() * ad.neuron_cost)
-        residual = None
-        if cfg.target == "residual" and cfg.reconstruction == "lstsq":  # before the MLP is sliced
-            residual = self._residual_target(pruned, dense_out, xp, call)
-        if keep_n.numel() < shape.intermediate_size or residual is not None:
+        if keep_n.numel() < shape.intermediate_size or residual is not None:  # residual: every layer is re-fitted
             ad.slice_neurons(pruned, keep_n)
-            if residual is None:
-                recon["mlp"] = self._refit(ad.down_proj(pruned), ad.down_proj(dense), stats, keep_n)
-            else:
-                down = ad.down_proj(dense)
-                b = get_bias(down)
-                new_w, new_b, errors = refit_to_target(
-                    get_weight(down).detach().to(self.device, self.dtype), None if b is None else b.detach(),
-                    stats, residual[0], residual[1], keep_n, cfg.damp, cfg.target_mix, release=True)
-                set_weight(ad.down_proj(pruned), new_w, new_b)
-                recon["mlp"] = errors
+            recon["mlp"] = self._refit(ad.down_proj(pruned), ad.down_proj(dense), stats, keep_n, residual)
             if admm:
                 recon["mlp"].update(self._admm(pruned, dense, keep_n, block_in, block_out))
         del stats, block_in, block_out
@@ -396,23 +370,41 @@ class _stop_after:
         self.handle.remove()
 
 
-class _capture_output_and_stop:
-    """Context manager: append `module`'s output (graph kept) to `sink`, then stop the forward."""
+class _capture_output:
+    """Context manager: append `module`'s output (graph kept) to `sink`; with `stop`, then stop the forward."""
 
-    def __init__(self, module: nn.Module, sink: list[torch.Tensor]) -> None:
-        self.module, self.sink = module, sink
+    def __init__(self, module: nn.Module, sink: list[torch.Tensor], stop: bool = True) -> None:
+        self.module, self.sink, self.stop = module, sink, stop
         self.handle: Any = None
 
-    def __enter__(self) -> "_capture_output_and_stop":
+    def __enter__(self) -> "_capture_output":
         def hook(_m: nn.Module, _args: tuple, output: torch.Tensor) -> None:
             self.sink.append(output)
-            raise _StopForward
+            if self.stop:
+                raise _StopForward
 
         self.handle = self.module.register_forward_hook(hook)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.remove()
+
+
+def _residual_sums(x: torch.Tensor, consumer_out: torch.Tensor, layer_out: torch.Tensor,
+                   dense_layer_out: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One batch's sums of the MLP consumer's residual target (`refit_to_target`).
+
+    For each token, t = (dense layer's output on the dense stream) - (pruned stream's residual before
+    the MLP), that residual being h_mid = layer_out - consumer_out on a run of the pruned layer whose
+    MLP is not yet sliced. A consumer that outputs t makes the layer's output equal the dense model's,
+    correcting the error the pruned layers before it left in the stream.
+    Returns (T = sum t [x, 1]^T [out, n+1] float64, sum ||t||^2)."""
+    d = layer_out.shape[-1]  # some families (OPT) run the MLP on flattened tokens
+    t = dense_layer_out.to(layer_out.device).reshape(-1, d).double() \
+        - (layer_out.reshape(-1, d) - consumer_out.reshape(-1, d)).double()
+    x = x.reshape(t.shape[0], -1).double()
+    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+    return t.T @ x, float((t * t).sum())
 
 
 def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:

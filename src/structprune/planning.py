@@ -90,11 +90,12 @@ def prunable_sparsity(config: PruneConfig, adapter: Adapter) -> float:
 def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list[torch.Tensor],
                          calls: list[tuple], device: torch.device, dtype: torch.dtype, full: bool = False,
                          desc: str = "statistics", progress: bool = True
-                         ) -> Iterator[tuple[int, nn.Module, GramAccumulator, GramAccumulator, tuple[float, float]]]:
+                         ) -> Iterator[tuple[int, nn.Module, GramAccumulator, GramAccumulator,
+                                             tuple[float, float]]]:
     """Stream the DENSE model one layer at a time over `hidden` (the layer-0 inputs) and yield
     (index, layer on the device, o_proj input statistics, down_proj input statistics, (RMS of the
-    layer's input hidden states, median over tokens of each token's RMS)); full=True also keeps the Gram matrices. One layer is on the
-    device at a time; its outputs feed the next."""
+    layer's input hidden states, median over tokens of each token's RMS)); full=True also keeps
+    the Gram matrices. One layer is on the device at a time; its outputs feed the next."""
     xs = hidden
     for i in tqdm(range(adapter.num_layers), desc=desc, disable=not progress, unit="layer"):
         layer = device_copy(dense_layer(i), device, dtype)
@@ -103,12 +104,9 @@ def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list
         acc_o = GramAccumulator(get_weight(o).shape[1], device, full=full)
         acc_d = GramAccumulator(get_weight(down).shape[1], device, full=full)
         nxt = []
-        sq, count = 0.0, 0
-        token_rms = []
+        token_ms = []  # each token's mean square over the hidden size
         for x in xs:
-            sq += float(x.double().pow(2).sum())
-            count += x.numel()
-            token_rms.append(x.double().pow(2).mean(-1).sqrt().flatten())
+            token_ms.append(x.double().pow(2).mean(-1).flatten())
             so: list[torch.Tensor] = []
             sd: list[torch.Tensor] = []
             with capture_input(o, so), capture_input(down, sd):
@@ -117,7 +115,8 @@ def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list
             acc_d.add_batch(sd[0])
             nxt.append(y.float().cpu())
         xs = nxt
-        yield i, layer, acc_o, acc_d, ((sq / max(count, 1)) ** 0.5, float(torch.cat(token_rms).median()))
+        ms = torch.cat(token_ms)
+        yield i, layer, acc_o, acc_d, (float(ms.mean().sqrt()), float(ms.median().sqrt()))
         del layer
 
 
@@ -129,8 +128,8 @@ def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseL
     gen = torch.Generator().manual_seed(config.seed)
     out: list[LayerScores] = []
     hd = adapter.head_dim
-    for _, layer, acc_o, acc_d, (rms, median) in dense_consumer_stats(adapter, dense_layer, hidden, calls, device, dtype,
-                                                            full=closed_form, desc="importance", progress=progress):
+    for _, layer, acc_o, acc_d, (rms, median) in dense_consumer_stats(
+            adapter, dense_layer, hidden, calls, device, dtype, full=closed_form, desc="importance", progress=progress):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         scores = LayerScores(
             heads=unit_scores(column_scores(config.scorer, get_weight(o), acc_o, gen), hd),

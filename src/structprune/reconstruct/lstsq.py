@@ -317,6 +317,13 @@ def refit_consumer(
     count = max(stats.count, 1)
     refit = _refit_single if stats.single_stream else _refit_two_streams
     sol, errors = refit(weight, bias, stats, cols, damp, release)
+    return _result(sol, errors, count, weight, bias)
+
+
+def _result(sol: torch.Tensor, errors: dict[str, float], count: int, weight: torch.Tensor, bias: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """A re-fit's returns: [W', b'] split back into weight and bias in their own dtype and device,
+    and the summed errors per token (never negative)."""
     errors = {k: float(max(v / count, 0.0)) for k, v in errors.items()}
     if bias is None:
         return sol.to(weight.device, weight.dtype), None, errors
@@ -440,18 +447,13 @@ def refit_to_target(
     if release:
         stats.release()
     error_none = energy - 2 * float((rhs * sliced).sum()) + float((sliced @ g_kk * sliced).sum())
-    sol, lam = _damped_solve(g_kk, rhs, damp, prior=sliced)
-    count = max(stats.count, 1)
+    sol, _ = _damped_solve(g_kk, rhs, damp, prior=sliced)
     if not torch.isfinite(sol).all():
         log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
         sol, error = sliced, error_none
     else:
         error = energy - 2 * float((rhs * sol).sum()) + float((sol @ g_kk * sol).sum())
-    errors = {"error_none": max(error_none / count, 0.0), "error": max(error / count, 0.0)}
-    if bias is None:
-        return sol.to(weight.device, weight.dtype).contiguous(), None, errors
-    return (sol[:, :-1].to(weight.device, weight.dtype).contiguous(),
-            sol[:, -1].to(bias.device, bias.dtype).contiguous(), errors)
+    return _result(sol, {"error_none": error_none, "error": error}, max(stats.count, 1), weight, bias)
 
 
 def reconstruction_error(
