@@ -456,3 +456,48 @@ def test_kind_split_meets_budget_and_rho_zero_keeps_attention():
     assert kept[0] == kept[2] == 1.0
     with pytest.raises(ValueError, match="rho"):
         kind_split(params, kinds, 0.8, 0.0, max_sparsity=0.9)
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 1000), st.floats(0.0, 5.0), st.floats(0.0, 5.0), st.floats(-0.5, 5.0)),
+                min_size=1, max_size=12),
+       st.floats(0.0, 0.85))
+def test_sensitivity_split_meets_the_budget(mods, sparsity):
+    params = [m[0] for m in mods]
+    curves = [[(0.2, m[3]), (0.4, m[1]), (0.8, m[1] + m[2])] for m in mods]
+    kept = A.sensitivity_split(curves, params, sparsity, max_sparsity=0.9)
+    assert _budget_ok(kept, params, sparsity)
+    assert all(0.1 - 1e-12 <= k <= 1.0 + 1e-12 for k in kept)
+
+
+def test_sensitivity_split_prunes_the_insensitive_module_first():
+    """Two equal modules: the one whose loss rises ten times slower takes the whole budget while
+    its curve reaches; equal curves split evenly."""
+    flat = [(0.25, 0.01), (0.5, 0.02), (1.0 * 0.8, 0.04)]
+    steep = [(0.25, 0.1), (0.5, 0.2), (0.8, 0.4)]
+    assert A.sensitivity_split([flat, steep], [100, 100], 0.25) == pytest.approx([0.5, 1.0])
+    assert A.sensitivity_split([steep, steep], [100, 100], 0.25) == pytest.approx([0.75, 0.75])
+
+
+def test_sensitivity_split_uses_the_convex_hull():
+    """A curve with a costly middle point: the hull skips it, so the module goes straight from
+    0 to its cheap far point (a point above the chord is never chosen as a stopping place)."""
+    bumpy = [(0.2, 0.5), (0.4, 0.2)]  # removing 40% costs less than 20% (measurement noise)
+    linear = [(0.2, 0.2), (0.4, 0.4)]
+    kept = A.sensitivity_split([bumpy, linear], [10, 10], 0.2)
+    assert kept == pytest.approx([0.6, 1.0])
+    # a curve that is cheaper to prune further than the others absorbs the budget up to its last point
+    kept = A.sensitivity_split([[(0.4, -0.1)], linear], [10, 10], 0.3)
+    assert kept == pytest.approx([0.6, 0.8])
+
+
+def test_sensitivity_split_bad_arguments():
+    with pytest.raises(ValueError, match="curves\\[0\\]"):
+        A.sensitivity_split([[(0.95, 0.1)]], [10], 0.2, max_sparsity=0.9)
+    with pytest.raises(ValueError, match="curves\\[0\\]"):
+        A.sensitivity_split([[(0.2, math.nan)]], [10], 0.2)
+    with pytest.raises(ValueError, match="params has 1 entries"):
+        A.sensitivity_split([[(0.2, 0.1)], [(0.2, 0.1)]], [10], 0.2)

@@ -12,7 +12,7 @@ import structprune as sp
 from structprune.arch import get_adapter
 
 
-@pytest.mark.parametrize("rule", ["closed-form", "softmax", "softmax-modular"])
+@pytest.mark.parametrize("rule", ["closed-form", "softmax", "softmax-modular", "sensitivity"])
 def test_every_rule_meets_sparsity_and_records_why(family, rule):
     model = tiny_model(family)
     cfg = sp.PruneConfig(sparsity=0.35, nsamples=12, seqlen=24, batch_size=4, device="cpu", allocation=rule,
@@ -24,6 +24,10 @@ def test_every_rule_meets_sparsity_and_records_why(family, rule):
         info = res.plan.allocation
         assert info["temperature_source"] == "auto" and len(info["search"]) >= 4
         assert all(math.isfinite(v) for _, v in info["search"])
+    if rule == "sensitivity":  # one measured curve per prunable module, at the documented fractions
+        curves = res.plan.allocation["curves"]
+        assert len(curves) == 2 * len(res.plan.layers)
+        assert all(len(c) == 3 and all(math.isfinite(d) for _, d in c) for c in curves.values())
 
 
 def test_allocation_is_not_uniform_when_layers_differ():
@@ -149,3 +153,41 @@ def test_robust_layer_importance_ignores_massive_activation_tokens():
                    progress=False).plan.allocation
     assert rob["layer_importance"] == "robust" == sp.PruneConfig().layer_importance  # the default
     assert rob["importance"] != raw["importance"]
+
+
+def test_sensitivity_measures_a_dead_mlp_as_free_and_allocates_by_the_curves():
+    """Layer 1's MLP nearly dead: removing its neurons moves the held-back loss by almost nothing,
+    unlike the live layers (on a random model their removal moves it either way). The plan's
+    fractions are `sensitivity_split` of the recorded curves. A candidate that keeps every unit
+    (re-fit on all columns) leaves the held-back loss exactly as it was."""
+    from structprune import allocation as A
+    from structprune import sensitivity
+    from structprune.planning import module_params
+    from structprune.streaming import calibration_mode, capture_layer_inputs
+
+    model = tiny_model("llama")
+    ad = get_adapter(model.config)
+    layers = ad.decoder_layers(model)
+    with torch.no_grad():
+        ad.down_proj(layers[1]).weight.mul_(1e-3)
+    cfg = sp.PruneConfig(sparsity=0.3, nsamples=12, seqlen=24, batch_size=4, device="cpu", allocation="sensitivity",
+                         prune_attention=False)
+    res = sp.prune(model, cfg, calib_windows=windows(12), progress=False)
+    info = res.plan.allocation
+    curves = info["curves"]
+    live = max(abs(d) for _, d in curves["0.mlp"] + curves["2.mlp"])
+    assert max(abs(d) for _, d in curves["1.mlp"]) < 0.01 * live, curves
+    params = module_params(ad)
+    want = A.sensitivity_split([curves[f"{i}.mlp"] for i in range(3)], [params[(i, "mlp")] for i in range(3)],
+                               info["prunable_sparsity"], cfg.max_layer_sparsity)
+    n = res.plan.layers[0].dense_shape["intermediate_size"]
+    assert [len(lp.kept_neurons) for lp in res.plan.layers] == pytest.approx([k * n for k in want], abs=1.5)
+
+    with calibration_mode(model), torch.no_grad():
+        hidden, calls = capture_layer_inputs(model, layers, windows(8), 4)
+        hold_ids = windows(4, seed=2)
+        hold, _ = capture_layer_inputs(model, layers, hold_ids, 4)
+        keys = [(i, "mlp") for i in range(len(layers))] + [(0, "attn")]
+        none_removed, base = sensitivity.measure(cfg, ad, model, lambda i: layers[i], hidden, calls, hold_ids, hold,
+                                                 keys, [1e-9], torch.device("cpu"), torch.float32, progress=False)
+    assert all(abs(c[0][1]) < 1e-4 * base for c in none_removed.values()), none_removed

@@ -12,6 +12,8 @@ Rules (derivations and the choices made where the paper is silent: docs/method.m
                       (Algorithm 2)
     closed_form       retention = mean_j clip(s_j, 0, 1), s_j from the relaxed-mask
                       Lagrangian of the layer's reconstruction problem (Algorithm 4)
+    sensitivity_split minimise the summed measured loss increases (one curve per module,
+                      measured with the re-fit: sensitivity.py) under the budget
 Every rule ends in `meet_budget`, which clips to [1 - max_sparsity, 1 - min_sparsity] and
 redistributes the excess so the budget holds to float precision.
 `search_temperature` picks T for the softmax rules from a proxy on calibration data.
@@ -273,6 +275,70 @@ def softmax_energy(
     n = len(w)
     kept = [1.0 - sparsity * n * x for x in w]
     return meet_budget(kept, params, sparsity, max_sparsity, method="scale")
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Lower convex hull of (x, y) points sorted by x (Andrew's monotone chain, lower half)."""
+    hull: list[tuple[float, float]] = []
+    for x, y in points:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (y - y1) - (y2 - y1) * (x - x1) <= 0:  # hull[-1] lies on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append((x, y))
+    return hull
+
+
+def sensitivity_split(
+    curves: Sequence[Sequence[tuple[float, float]]],
+    params: Sequence[int],
+    sparsity: float,
+    max_sparsity: float = 0.9,
+) -> list[float]:
+    """Kept fractions that minimise the summed measured loss increase under the budget.
+
+    curves[m]: (removed fraction f, loss increase when module m ALONE is pruned to f) points,
+    f in (0, max_sparsity]; (0, 0) is added. Each curve is replaced by its lower convex hull
+    over removed parameters (f * params_m), and hull segments are taken in increasing order of
+    loss per removed parameter over all modules until the budget is spent (the exact minimiser
+    of the additive, piecewise-linear model; segments of equal slope share the last part of the
+    budget in proportion to their lengths, so equal curves give equal fractions). A budget
+    beyond every curve's last point is spread by `meet_budget` (common shift).
+    """
+    p = _check_params(params, len(curves), "curves")
+    _check_fraction("sparsity", sparsity)
+    _check_fraction("max_sparsity", max_sparsity)
+    segments = []  # (loss per removed parameter, module, removed params from, to)
+    for m, curve in enumerate(curves):
+        pts = {0.0: 0.0}
+        for f, d in curve:
+            if not (math.isfinite(f) and math.isfinite(d) and 0.0 < f <= max_sparsity + 1e-12):
+                raise ValueError(f"curves[{m}] has the point ({f!r}, {d!r}): need a finite loss at a removed "
+                                 f"fraction in (0, max_sparsity={max_sparsity}]")
+            pts[float(f)] = float(d)
+        hull = _lower_hull(sorted((f * p[m], d) for f, d in pts.items()))
+        for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
+            segments.append(((y1 - y0) / (x1 - x0), m, x0, x1))
+    removed = [0.0] * len(p)
+    left = sparsity * math.fsum(p)
+    segments.sort(key=lambda s: (s[0], s[1], s[2]))
+    start = 0
+    while start < len(segments) and left > 0.0:  # groups of equal slope share what is left in proportion
+        slope = segments[start][0]
+        end = start
+        while end < len(segments) and segments[end][0] - slope <= 1e-9 * max(abs(slope), 1e-300):
+            end += 1
+        group = segments[start:end]
+        length = math.fsum(x1 - x0 for _, _, x0, x1 in group)
+        share = min(1.0, left / length)
+        for _, m, x0, x1 in group:
+            removed[m] = x0 + share * (x1 - x0)
+        left -= share * length
+        start = end
+    kept = [1.0 - r / w if w > 0 else 1.0 for r, w in zip(removed, p)]
+    return meet_budget(kept, params, sparsity, max_sparsity, method="shift")
 
 
 def depth_factor(layers: Sequence[int], gamma: float) -> list[float]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import sensitivity
 from .arch import Adapter, get_adapter
 from .config import PruneConfig
 from .importance import column_scores, unit_scores
@@ -499,8 +500,9 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
                                   calls, None, device, dtype, progress)
             allocation.info = {"rule": "replayed", "from": masks.allocation.get("rule")}
         else:
-            allocation = allocate(config, adapter, out, layers, dense_layer, hidden, calls, holdout, device, dtype,
-                                  progress)
+            rule = sensitivity.allocate if config.allocation == "sensitivity" else allocate
+            allocation = rule(config, adapter, out, layers, dense_layer, hidden, calls, holdout, device, dtype,
+                              progress)
         alloc_info = {**allocation.info, "seconds": time.perf_counter() - t_alloc}
         if sink is not None and sink.release and hasattr(sink, "release_rest"):
             sink.release_rest(out, prefix)  # embeddings and head: written now, not held through the loop

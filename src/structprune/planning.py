@@ -187,6 +187,13 @@ def masked_loss(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer
             w_d[:, drop.to(w_d.device)] = 0
             xs = [run_layer(layer, x.to(device, dtype), call).float().cpu() for x in xs]
         del layer
+    return holdout_nll(model, adapter, holdout, xs, dtype, batch_size)
+
+
+def holdout_nll(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, xs: list[torch.Tensor],
+                dtype: torch.dtype, batch_size: int) -> float:
+    """Mean next-token NLL on `holdout` [windows, seqlen] from the last decoder layer's outputs
+    `xs` (batches of `batch_size` windows, in order) through the model's final norm and head."""
     nll, count = 0.0, 0
     for b, x in enumerate(xs):
         ids = holdout[b * batch_size : (b + 1) * batch_size]
@@ -206,7 +213,7 @@ def needs_rho_search(config: PruneConfig) -> bool:
 
 def needs_holdout(config: PruneConfig) -> bool:
     """Whether the allocation searches a parameter on held-back calibration windows."""
-    if config.allocation.startswith("softmax") and config.temperature == "auto":
+    if config.allocation == "sensitivity" or config.allocation.startswith("softmax") and config.temperature == "auto":
         return True
     return needs_rho_search(config)
 
