@@ -87,27 +87,30 @@ def layer_fractions(cell: dict[str, Any], shape: dict[str, int]) -> tuple[list[f
 
 def layers_png(results: dict[str, Any], path: Path, folder: Path) -> bool:
     """Per-layer kept fraction of attention and MLP for each STRUPRUNE variant (and adaptive
-    baseline) cell; False if there is none."""
+    baseline) cell, one row of panels per requested sparsity; False if there is none."""
     cells = {k: c for k, c in results["cells"].items() if c["method"].startswith(LAYER_PLOT_PREFIXES)}
     if not cells:
         return False
+    levels = sorted({c["requested"] for c in cells.values()})
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110, sharey=True)
+    fig, axes = plt.subplots(len(levels), 2, figsize=(14, 3.3 * len(levels)), dpi=100, sharey=True, squeeze=False)
     for key, cell in sorted(cells.items(), key=lambda kv: (kv[1]["method"], kv[1]["requested"])):
         shape = _dense_shape(results, key, folder)
         if shape is None:
             continue
         attn, mlp = layer_fractions(cell, shape)
-        label = f"{cell['method']} @ {cell['actual']:.2f}"
-        axes[0].plot(range(len(attn)), attn, ".-", label=label)
-        axes[1].plot(range(len(mlp)), mlp, ".-", label=label)
-    for ax, what in zip(axes, ("attention (query + KV heads)", "MLP neurons")):
+        row = axes[levels.index(cell["requested"])]
+        row[0].plot(range(len(attn)), attn, ".-")
+        row[1].plot(range(len(mlp)), mlp, ".-", label=f"{cell['method']} (actual {cell['actual']:.3f})")
+    for level, row in zip(levels, axes):
+        for ax, what in zip(row, ("attention (query + KV heads)", "MLP neurons")):
+            ax.set_title(f"sparsity {level:.0%}: kept fraction of {what}", fontsize=9)
+            ax.set_ylim(0, 1.05)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("kept fraction")
+        row[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for ax in axes[-1]:
         ax.set_xlabel("decoder layer")
-        ax.set_title(f"kept fraction: {what}", fontsize=9)
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("kept fraction")
-    axes[1].legend(fontsize=6, loc="lower left", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
