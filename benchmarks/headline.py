@@ -33,7 +33,9 @@ CELLS_CALIB64 = [
      "structprune softmax robust, FFN only, damp 0.1"),
     ("quality_p64_residual.json", "structprune-robust-res0.5",
      "structprune softmax robust, FFN only, residual target (mix 0.5)"),
-    ("quality_p64_sensitivity.json", "structprune-sens-ffn", "structprune sensitivity allocation, FFN only"),
+    ("quality_p64_sensitivity.json", "structprune-sens4-ffn", "structprune sensitivity allocation, FFN only"),
+    ("quality_p64_sensitivity.json", "structprune-sens4-res0.5",
+     "structprune sensitivity allocation, FFN only, residual target (mix 0.5)"),
 ]
 CELLS_CALIB16 = [
     ("quality_best.json", "random", "random (FFN only)"),
@@ -47,7 +49,8 @@ CELLS_CALIB16 = [
     ("quality_alloc_rel_0.3.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
     ("quality_alloc_rel_0.5.json", "structprune-softmax-rel-ffn", "structprune softmax relative, FFN only"),
     ("quality_best.json", "structprune-rel-obs", "structprune softmax relative + OBS selection, FFN only"),
-    ("quality_sensitivity16.json", "structprune-sens-ffn", "structprune sensitivity allocation, FFN only"),
+    ("quality_sensitivity16.json", "structprune-sens3-ffn",
+     "structprune sensitivity allocation (3 fractions per module), FFN only"),
     ("quality_best.json", "structprune-rel-lora100", "structprune softmax relative, FFN only + LoRA 100 steps (fine-tuned)"),
 ]
 TABLES = {  # output name: (cells, calibration windows)

@@ -25,9 +25,13 @@ def test_every_rule_meets_sparsity_and_records_why(family, rule):
         assert info["temperature_source"] == "auto" and len(info["search"]) >= 4
         assert all(math.isfinite(v) for _, v in info["search"])
     if rule == "sensitivity":  # one measured curve per prunable module, at the documented fractions
+        from structprune.sensitivity import fractions
+
         curves = res.plan.allocation["curves"]
         assert len(curves) == 2 * len(res.plan.layers)
-        assert all(len(c) == 3 and all(math.isfinite(d) for _, d in c) for c in curves.values())
+        want = fractions(res.plan.allocation["prunable_sparsity"], cfg.max_layer_sparsity)
+        assert len(want) == 4 and want[1] == pytest.approx(res.plan.allocation["prunable_sparsity"])
+        assert all([f for f, _ in c] == want and all(math.isfinite(d) for _, d in c) for c in curves.values())
 
 
 def test_allocation_is_not_uniform_when_layers_differ():
