@@ -195,3 +195,10 @@ def test_sensitivity_measures_a_dead_mlp_as_free_and_allocates_by_the_curves():
         none_removed, base = sensitivity.measure(cfg, ad, model, lambda i: layers[i], hidden, calls, hold_ids, hold,
                                                  keys, [1e-9], torch.device("cpu"), torch.float32, progress=False)
     assert all(abs(c[0][1]) < 1e-4 * base for c in none_removed.values()), none_removed
+
+
+def test_sensitivity_with_one_calibration_window_is_a_clear_error():
+    """One window cannot be split into calibration and held-back text; the rule refuses, naming the fix."""
+    cfg = sp.PruneConfig(sparsity=0.3, nsamples=1, seqlen=24, device="cpu", allocation="sensitivity")
+    with pytest.raises(ValueError, match="nsamples >= 2"):
+        sp.prune(tiny_model("llama"), cfg, calib_windows=windows(1), progress=False)

@@ -473,6 +473,9 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
         return layer
 
     if needs_holdout(config) and masks is None and holdout is None:
+        if windows.shape[0] < 2 and config.allocation == "sensitivity":
+            raise ValueError("allocation='sensitivity' measures losses on held-back calibration windows and one "
+                             "calibration window cannot be split; use nsamples >= 2 or pass holdout windows")
         if windows.shape[0] < 2:
             log.warning("one calibration window cannot be split for the automatic allocation search; "
                         "using rho=1 and T=inf (uniform) instead")

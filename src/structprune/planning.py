@@ -120,6 +120,21 @@ def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list
         del layer
 
 
+def layer_scores(config: PruneConfig, adapter: Adapter, layer: nn.Module, acc_o: GramAccumulator,
+                 acc_d: GramAccumulator, gen: torch.Generator, stream: tuple[float, float] = (1.0, 1.0)
+                 ) -> LayerScores:
+    """`config.scorer` scores of one dense layer's query heads and neurons from its consumers'
+    input statistics; `stream`: (RMS, median token RMS) of the layer's input, as
+    `dense_consumer_stats` yields them."""
+    return LayerScores(
+        heads=unit_scores(column_scores(config.scorer, get_weight(adapter.o_proj(layer)), acc_o, gen),
+                          adapter.head_dim),
+        neurons=column_scores(config.scorer, get_weight(adapter.down_proj(layer)), acc_d, gen),
+        stream_rms=stream[0],
+        stream_median=stream[1],
+    )
+
+
 def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer, adapter: Adapter,
                     hidden: list[torch.Tensor],
                     calls: list[tuple], config: PruneConfig, device: torch.device, dtype: torch.dtype,
@@ -128,15 +143,10 @@ def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseL
     gen = torch.Generator().manual_seed(config.seed)
     out: list[LayerScores] = []
     hd = adapter.head_dim
-    for _, layer, acc_o, acc_d, (rms, median) in dense_consumer_stats(
+    for _, layer, acc_o, acc_d, stream in dense_consumer_stats(
             adapter, dense_layer, hidden, calls, device, dtype, full=closed_form, desc="importance", progress=progress):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
-        scores = LayerScores(
-            heads=unit_scores(column_scores(config.scorer, get_weight(o), acc_o, gen), hd),
-            neurons=column_scores(config.scorer, get_weight(down), acc_d, gen),
-            stream_rms=rms,
-            stream_median=median,
-        )
+        scores = layer_scores(config, adapter, layer, acc_o, acc_d, gen, stream)
         if closed_form:
             scores.heads_cf = _cf(o, acc_o, [head_columns(torch.tensor([h]), hd) for h in range(scores.heads.numel())])
             scores.neurons_cf = _cf(down, acc_d, [torch.tensor([j]) for j in range(scores.neurons.numel())])

@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from . import allocation as alloc
 from .arch import Adapter
 from .config import PruneConfig
-from .importance import column_scores, unit_scores
 from .planning import (
     Allocation,
     DenseLayer,
@@ -43,6 +42,7 @@ from .planning import (
     dense_consumer_stats,
     holdout_nll,
     keep_sets,
+    layer_scores,
     module_params,
     prunable_keys,
     prunable_sparsity,
@@ -99,10 +99,7 @@ def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer
         with torch.no_grad():
             streams = []
             if kinds_at[i]:
-                scores = LayerScores(
-                    heads=unit_scores(column_scores(config.scorer, get_weight(adapter.o_proj(layer)), acc_o, gen),
-                                      adapter.head_dim),
-                    neurons=column_scores(config.scorer, get_weight(adapter.down_proj(layer)), acc_d, gen))
+                scores = layer_scores(config, adapter, layer, acc_o, acc_d, gen)
                 for kind in kinds_at[i]:
                     for r in removed:
                         cand = _candidate(adapter, layer, kind, scores, r, acc_o if kind == "attn" else acc_d,
@@ -112,7 +109,7 @@ def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer
             acc_o.release()
             acc_d.release()
             hold = [run_layer(layer, x.to(device, dtype), call).float().cpu() for x in hold]
-            for j in range(i + 1, n_layers if streams else i + 1):  # the dense rest, once per layer i
+            for j in range(i + 1, n_layers) if streams else ():  # the dense rest, each loaded once per layer i
                 nxt = device_copy(dense_layer(j), device, dtype)
                 call_j = to_device(calls[j], device, dtype)
                 streams = [[run_layer(nxt, x.to(device, dtype), call_j).float().cpu() for x in s] for s in streams]
