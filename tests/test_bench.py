@@ -43,7 +43,7 @@ def test_harness_resumes_without_recomputing(tiny_run, capsys):
     assert abs(cell["actual"] - 0.2) < 0.03
     assert set(cell["perplexity_by_text"]) == {str(tiny_run / "a.txt"), str(tiny_run / "b.txt")}
     assert cell["memory"]["peak_rss_bytes"] > 0 and cell["time_ratio"] > 0
-    assert (out.parent / "plans" / "flap@0.2.calib-calib-4x16.json").is_file()  # named after its calibration
+    assert (out.parent / "plans" / "flap@0.2.calib-calib-4x16.json.gz").is_file()  # named after its calibration
     assert main(_argv(tiny_run, out, "--methods", "flap", "magnitude", "--sparsities", 0.2, 0.5)) == 0
     done = load_results(out)
     assert set(done["cells"]) == {"flap@0.2", "flap@0.5", "magnitude@0.2", "magnitude@0.5"}
@@ -134,6 +134,6 @@ def test_plans_of_runs_with_other_calibration_do_not_overwrite_each_other(tiny_r
     for n, name in ((4, "a.json"), (2, "b.json")):
         assert main(_argv(tiny_run, tiny_run / "res2" / name, "--methods", "magnitude", "--sparsities", 0.3)
                     + ["--nsamples", str(n)]) == 0
-    assert sorted(p.name for p in plans.iterdir()) == ["magnitude@0.3.calib-calib-2x16.json",
-                                                      "magnitude@0.3.calib-calib-4x16.json"]
-    assert BenchSettings().plan_name("flap@0.2") == "flap@0.2.json"  # the harness default keeps the plain name
+    assert sorted(p.name for p in plans.iterdir()) == ["magnitude@0.3.calib-calib-2x16.json.gz",
+                                                      "magnitude@0.3.calib-calib-4x16.json.gz"]
+    assert BenchSettings().plan_name("flap@0.2") == "flap@0.2.json.gz"  # the harness default keeps the plain name

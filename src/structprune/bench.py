@@ -63,12 +63,13 @@ class BenchSettings:
                 "calib": self.calib}
 
     def plan_name(self, key: str) -> str:
-        """File name of a cell's plan in plans/. Runs with other calibration settings share that
-        folder, so their plans carry the calibration in the name (the harness default keeps the
-        plain `<cell>.json`): a 64-window run never overwrites the 16-window plan of the same cell."""
+        """File name of a cell's plan in plans/ (compact: gzipped JSON without per-unit scores,
+        `PrunePlan.save(scores=False)`). Runs with other calibration settings share that folder,
+        so their plans carry the calibration in the name (the harness default keeps the plain
+        `<cell>.json.gz`): a 64-window run never overwrites the 16-window plan of the same cell."""
         if (self.calib, self.nsamples, self.seqlen) == (DEFAULT_CALIB, FULL["nsamples"], FULL["seqlen"]):
-            return f"{key}.json"
-        return f"{key}.calib-{Path(self.calib).stem}-{self.nsamples}x{self.seqlen}.json"
+            return f"{key}.json.gz"
+        return f"{key}.calib-{Path(self.calib).stem}-{self.nsamples}x{self.seqlen}.json.gz"
 
 
 # --- memory and time ----------------------------------------------------------------------------
@@ -296,7 +297,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
             **({"lora": lora} if lora is not None else {}),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        plan.save(plans / settings.plan_name(key))
+        plan.save(plans / settings.plan_name(key), scores=False)
         write_atomic(out, results)
         echo(f"{key}: actual {plan.actual_sparsity:.3f} " + " ".join(f"{t} {v:.2f}" for t, v in ppl.items())
              + f" ({seconds:.0f} s, {seconds / ref:.1f}x dense fwd, peak RSS {memory['peak_rss_bytes'] / 2**20:.0f} MiB)")

@@ -7,6 +7,7 @@ safetensors file, not here).
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,12 +83,27 @@ class PrunePlan:
         layers = [LayerPlan(**layer) for layer in data.pop("layers", [])]
         return cls(layers=layers, **data)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+    def save(self, path: str | Path, scores: bool = True) -> None:
+        """Write the plan as JSON; a path ending in `.gz` is gzip-compressed. `scores=False` drops
+        the per-unit scores (the kept indices, targets and totals stay, so the plan still replays):
+        the compact form the benchmark harness keeps in the repository."""
+        data = self.to_dict()
+        if not scores:
+            for layer in data["layers"]:
+                layer["head_scores"], layer["neuron_scores"] = [], []
+        text = json.dumps(data, indent=None if str(path).endswith(".gz") else 1, separators=(",", ":")
+                          if str(path).endswith(".gz") else None)
+        if str(path).endswith(".gz"):
+            Path(path).write_bytes(gzip.compress(text.encode(), mtime=0))
+        else:
+            Path(path).write_text(text)
 
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        raw = Path(path).read_bytes()
+        if str(path).endswith(".gz"):
+            raw = gzip.decompress(raw)
+        return cls.from_dict(json.loads(raw))
 
 
 def apply_plan(model: torch.nn.Module, adapter: Adapter, plan: PrunePlan) -> None:

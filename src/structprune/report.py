@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import _ppl, _texts, load_results, render
+from .plan import PrunePlan
 
 # Methods whose per-layer allocation is worth a plot: every STRUPRUNE variant, and the
 # baselines that choose per-layer shapes themselves (FLAP's and the global Taylor ranking).
@@ -62,11 +63,11 @@ def _dense_shape(results: dict[str, Any], key: str, folder: Path) -> dict[str, i
     shape = results.get("dense", {}).get("shape")
     if shape is not None:
         return shape
-    plan = folder / "plans" / f"{key}.json"
+    plan = folder / "plans" / f"{key}.json.gz"
     if plan.is_file():
-        layers = json.loads(plan.read_text()).get("layers", [])
+        layers = PrunePlan.load(plan).layers
         if layers:
-            return layers[0]["dense_shape"]
+            return layers[0].dense_shape
     return None
 
 
