@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ALLOCATIONS, LAYER_IMPORTANCE, RECONSTRUCTIONS, SCORERS, SELECTIONS, TARGETS
+from .config import ALLOCATIONS, LAYER_IMPORTANCE, RECONSTRUCTIONS, SCORERS, SELECTIONS, SENSITIVITIES, TARGETS
 
 log = logging.getLogger("structprune")
 DEFAULT_MODEL = "smollm2-135m"
@@ -47,6 +47,9 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
                    help="which units a module keeps: score (top scores, default) or obs (reconstruction-aware "
                         "greedy Optimal Brain Surgeon on the Gram matrix; needs a re-fit)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None, help="per-layer budget rule")
+    p.add_argument("--sensitivity", choices=SENSITIVITIES, default=None,
+                   help="allocation sensitivity: exact (each candidate through every later layer, quadratic in "
+                        "depth; default) or linear (second-order estimate from one backward pass)")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default=None, help="weight re-fit")
     p.add_argument("--temperature", default=None,
                    help="softmax allocation temperature: auto (search on held-back calibration data), a number, "
@@ -95,7 +98,7 @@ def _config(args: argparse.Namespace) -> Any:
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
         admm_sgd_steps=args.admm_sgd_steps, admm_attn_steps=args.admm_attn_steps, layer_importance=args.layer_importance,
-        chunk_tokens=args.chunk_tokens, **kinds)
+        chunk_tokens=args.chunk_tokens, sensitivity=getattr(args, "sensitivity", None), **kinds)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "sensitivity", "flap")
+SENSITIVITIES = ("exact", "linear")
 FLAP_STANDARDISE = ("layer", "kind")
 RECONSTRUCTIONS = ("none", "lstsq", "admm")
 LAYER_IMPORTANCE = ("raw", "relative", "robust")
@@ -58,6 +59,11 @@ class PruneConfig:
         (and re-fitted) at a few ratios, and the budget goes where the summed increase is least
         (sensitivity.py; SmolLM2-135M, FFN only, 64 x 512: 19.52 / 26.47 at 20 / 30%, 3-4x the
         softmax rule's pruning time).
+    sensitivity: how allocation "sensitivity" scores a pruned, re-fitted module: "exact" pushes it
+        through every later dense layer and the head (len(fractions) x L(L+1)/2 layer forwards per
+        kind); "linear" estimates the held-back loss increase from its output change and the
+        gradient of one streamed backward pass (second-order, empirical Fisher; L-linear cost;
+        sensitivity_linear.py, docs/sensitivity.md).
     reconstruction: how kept weights are re-fitted ("lstsq": damped least squares).
     target: "local" (default) fits each consumer projection to the dense layer applied to the
         pruned stream (classic layer-wise reconstruction); "dense" fits it to the dense model's
@@ -108,6 +114,7 @@ class PruneConfig:
     scorer: str = "wanda"
     selection: str = "score"
     allocation: str = "uniform"
+    sensitivity: str = "exact"
     reconstruction: str = "lstsq"
     target: str = "local"
     target_mix: float = 1.0
@@ -144,6 +151,7 @@ class PruneConfig:
         _check(self.selection != "obs" or self.reconstruction != "none", "reconstruction", self.reconstruction,
                "selection 'obs' chooses units for the least-squares re-fit; use reconstruction 'lstsq' or 'admm'")
         _check(self.allocation in ALLOCATIONS, "allocation", self.allocation, f"choose one of {ALLOCATIONS}")
+        _check(self.sensitivity in SENSITIVITIES, "sensitivity", self.sensitivity, f"choose one of {SENSITIVITIES}")
         _check(self.reconstruction in RECONSTRUCTIONS, "reconstruction", self.reconstruction,
                f"choose one of {RECONSTRUCTIONS}")
         _check(self.allocation != "flap" or self.reconstruction == "none", "reconstruction",

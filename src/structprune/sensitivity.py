@@ -138,8 +138,15 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     sparsity = prunable_sparsity(config, adapter)
     removed = fractions(sparsity, config.max_layer_sparsity)
     hold, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
-    curves, base = measure(config, adapter, model, dense_layer, hidden, calls, holdout, hold, keys, removed,
-                           device, dtype, progress)
+    extra: dict[str, Any] = {}
+    if config.sensitivity == "linear":  # second-order estimate, L-linear cost (sensitivity_linear.py)
+        from . import sensitivity_linear
+
+        curves, base, extra = sensitivity_linear.measure(config, adapter, model, dense_layer, hidden, calls, holdout,
+                                                         hold, keys, removed, device, dtype, progress)
+    else:
+        curves, base = measure(config, adapter, model, dense_layer, hidden, calls, holdout, hold, keys, removed,
+                               device, dtype, progress)
     kept = alloc.sensitivity_split([curves[k] for k in keys], [params[k] for k in keys], sparsity,
                                    config.max_layer_sparsity)
     keep = {k: 1.0 for k in params}
@@ -148,6 +155,9 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         "rule": "sensitivity", "prunable_sparsity": sparsity, "holdout_nll_dense": base,
         "curves": {f"{i}.{k}": [[r, d] for r, d in c] for (i, k), c in curves.items()},
         "proxy": "held-back calibration NLL increase, one module pruned and re-fitted at a time"}
+    if config.sensitivity == "linear":
+        info.update(extra, sensitivity="linear", proxy="second-order estimate of that increase from the candidate's "
+                    "output change and the dense held-back gradient (empirical Fisher, per token)")
     log.info("sensitivity allocation: dense held-back NLL %.4f; kept %s", base,
              {f"{i}.{k}": round(keep[(i, k)], 3) for i, k in keys})
     return Allocation(keep, info)
