@@ -56,6 +56,40 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
+def interpolate(curve: list, f: float) -> float:
+    """A measured curve [[removed fraction, increase]] at f, piecewise linear from (0, 0)."""
+    pts = [(0.0, 0.0)] + [(float(a), float(b)) for a, b in curve]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if f <= x1 + 1e-12:
+            return y0 + (y1 - y0) * (f - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def exact_cost(exact: dict, mods: list[str], kept: list[float]) -> float:
+    """The summed EXACT increase (the exact rule's additive model) of an allocation."""
+    return sum(interpolate(exact[m], 1.0 - k) for m, k in zip(mods, kept))
+
+
+def allocation_summary(exact: dict, terms: dict, keys: list, params: list[int], sparsity: float,
+                       max_sparsity: float) -> dict:
+    """Allocations from the exact and the estimated curves (and the uniform one), each scored by
+    the exact curves' additive model; how much of the uniform -> exact-optimum gap the estimate closes."""
+    mods = [f"{i}.{k}" for i, k in keys]
+    kept_exact = alloc.sensitivity_split([exact[m] for m in mods], params, sparsity, max_sparsity)
+    kept_est = alloc.sensitivity_split([[(f, a + b) for f, a, b in terms[m]] for m in mods], params, sparsity,
+                                       max_sparsity)
+    kept_second = alloc.sensitivity_split([[(f, b) for f, _, b in terms[m]] for m in mods], params, sparsity,
+                                          max_sparsity)
+    c_opt, c_est = exact_cost(exact, mods, kept_exact), exact_cost(exact, mods, kept_est)
+    c_uni = exact_cost(exact, mods, [1.0 - sparsity] * len(mods))
+    return {"kept_exact_curves": kept_exact, "kept_estimated_curves": kept_est,
+            "kept_spearman": spearman(kept_est, kept_exact),
+            "kept_mean_abs_difference": sum(abs(a - b) for a, b in zip(kept_est, kept_exact)) / len(mods),
+            "summed_exact_increase": {"exact_curves": c_opt, "estimated_curves": c_est, "uniform": c_uni,
+                                      "second_order_term_only": exact_cost(exact, mods, kept_second)},
+            "gap_closed": (c_uni - c_est) / (c_uni - c_opt) if c_uni != c_opt else 1.0}
+
+
 class LayerCounter:
     """Counts decoder-layer forwards (one per call, i.e. per batch) and head calls by hooks on the
     model's own modules; the hooks travel into every device copy (deepcopy keeps them)."""
@@ -83,9 +117,26 @@ def main() -> None:
     ap.add_argument("--reference", required=True, help="a plan (.json or .json.gz) of the exact rule with curves")
     ap.add_argument("--nsamples", type=int, default=16, help="calibration windows for the Grams (a prefix)")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--resummarise", action="store_true",
+                    help="recompute the allocation summary of an existing --json from its stored terms (no model run)")
     args = ap.parse_args()
 
     ref = PrunePlan.load(args.reference)
+    if args.resummarise:
+        result = json.loads(Path(args.json).read_text())
+        rc = ref.config
+        keys = [(int(m.split(".")[0]), m.split(".")[1]) for m in ref.allocation["curves"]]
+        keys.sort()
+        params = [lp.dense_shape["intermediate_size"] if k == "mlp" else lp.dense_shape["num_heads"]
+                  for i, k in keys for lp in [ref.layers[i]]]
+        if len({k for _, k in keys}) > 1:
+            raise ValueError("--resummarise handles one module kind (parameters per module are then equal up "
+                             "to the shared neuron cost)")
+        result.update(allocation_summary(ref.allocation["curves"], result["terms"], keys, params,
+                                         result["prunable_sparsity"], rc["max_layer_sparsity"]))
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: result[k] for k in ("kept_spearman", "summed_exact_increase", "gap_closed")}))
+        return
     rc = ref.config
     exact = ref.allocation["curves"]
     model, tok = load_model(args.model, "float32")
@@ -131,8 +182,7 @@ def main() -> None:
         table[kind] = {"by_fraction": rows, "spearman_pooled": spearman(pooled_est, pooled_ex)}
     params = module_params(ad)
     p = [params[k] for k in keys]
-    kept_exact = alloc.sensitivity_split([exact[f"{i}.{k}"] for i, k in keys], p, sparsity, config.max_layer_sparsity)
-    kept_est = alloc.sensitivity_split([curves[k] for k in keys], p, sparsity, config.max_layer_sparsity)
+    summary = allocation_summary(exact, terms, keys, p, sparsity, config.max_layer_sparsity)
     n_layers = ad.num_layers
     result = {
         "model": args.model, "reference": args.reference,
@@ -141,9 +191,7 @@ def main() -> None:
         "holdout_nll_dense": base, "reference_holdout_nll_dense": ref.allocation.get("holdout_nll_dense"),
         "estimate": "[sum_t g.delta + 1/2 sum_t (g.delta)^2] / N (sensitivity_linear.taylor_terms)",
         "rank": table,
-        "kept_exact_curves": kept_exact, "kept_estimated_curves": kept_est,
-        "kept_spearman": spearman(kept_est, kept_exact),
-        "kept_mean_abs_difference": sum(abs(a - b) for a, b in zip(kept_est, kept_exact)) / len(p),
+        **summary,
         "layer_forwards": counter.counts["layer"], "head_calls": counter.counts["head"],
         "layers": n_layers, "calibration_batches": len(hidden), "holdout_batches": len(hold),
         "exact_rule_layer_forwards_formula": (len(hidden) + len(hold)) * n_layers
@@ -160,7 +208,9 @@ def main() -> None:
             print(f"  {r['removed']:.3f}    {r['spearman']:+.3f}    {r['spearman_first']:+.3f}      "
                   f"{r['spearman_second']:+.3f}       {r['exact_mean']:.4f}      {r['estimate_mean']:.4f}")
     print(f"allocation: Spearman of kept fractions {result['kept_spearman']:.3f}, mean |diff| "
-          f"{result['kept_mean_abs_difference']:.3f}")
+          f"{result['kept_mean_abs_difference']:.3f}; summed exact increase "
+          + ", ".join(f"{k} {v:.4f}" for k, v in result["summed_exact_increase"].items())
+          + f"; gap uniform -> exact optimum closed {result['gap_closed']:.0%}")
     print(f"layer forwards {result['layer_forwards']} (exact rule: {result['exact_rule_layer_forwards_formula']}), "
           f"head calls {result['head_calls']}, {seconds:.0f} s")
 
