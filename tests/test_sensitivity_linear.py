@@ -194,7 +194,8 @@ def test_sensitivity_option_is_validated_and_reaches_the_run(tmp_path, capsys):
     with pytest.raises(ValueError, match="sensitivity='quadratic'"):
         sp.PruneConfig(sensitivity="quadratic")
     assert sp.PruneConfig().sensitivity == "exact"
-    assert sp.PruneConfig.from_dict(sp.PruneConfig(sensitivity="linear").to_dict()).sensitivity == "linear"
+    linear = sp.PruneConfig(allocation="sensitivity", sensitivity="linear")
+    assert sp.PruneConfig.from_dict(linear.to_dict()) == linear
     import json
 
     from conftest import TINY_WORDS
