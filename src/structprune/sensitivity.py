@@ -19,6 +19,8 @@ Streamed, O(one layer) device memory:
 Cost: len(fractions) x kinds x L(L+1)/2 held-back layer forwards plus one logits pass per candidate.
 On SmolLM2-135M (FFN only, 8 held-back windows, 64 calibration windows) the whole prune takes 15-18x
 one dense calibration forward, against 4-6x with the softmax rule.
+config.sensitivity="linear" keeps the candidates and replaces step 3 by a second-order estimate from
+one streamed backward pass, linear in depth (sensitivity_linear.py, docs/sensitivity.md).
 """
 
 from __future__ import annotations
