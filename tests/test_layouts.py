@@ -110,3 +110,135 @@ def test_prune_save_reload(layout, modules, sparsity, tmp_path):
     else:
         again = sp.load_pruned(out)
     torch.testing.assert_close(logits(again, ids[:2]), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_config_transformers_rejects_falls_back_to_per_layer_shapes(tmp_path):
+    """3 of 4 heads at hidden 40: Gemma 3's config rule (hidden % heads == 0) rejects the plain config,
+    so the dense config with per-layer shapes is written; 2 of 4 stays a plain checkpoint."""
+    from structprune.arch import LayerShape
+    from structprune.arch.base import config_problem
+
+    ad = get_adapter(layout_config("gemma3-270m"))
+    three = ad.shaped_config([LayerShape(3, 1, 64)] * ad.num_layers)
+    assert three.structprune["vanilla"] is False and three.num_attention_heads == 4
+    assert config_problem(three) is None
+    three.save_pretrained(tmp_path / "three")  # what used to raise after every layer was pruned
+    two = ad.check_shapes([LayerShape(2, 1, 64)] * ad.num_layers)
+    assert two.structprune["vanilla"] is True and two.num_attention_heads == 2
+    with pytest.raises(ValueError, match="layer 1"):  # not whole KV groups
+        get_adapter(layout_config("smollm2-135m")).check_shapes([LayerShape(9, 3, 96), LayerShape(4, 3, 96)])
+
+
+def _save_folder(model, folder) -> None:
+    """`model` with the word-level tokenizer of conftest.save_tiny_folder."""
+    from conftest import TINY_WORDS
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>"] + TINY_WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(TINY_WORDS[i] for i in torch.randint(0, len(TINY_WORDS), (3000,), generator=g).tolist())
+    (folder.parent / "calib.txt").write_text(text)
+
+
+def _issue_folder(tmp_path):
+    """The issue's model: hidden 64, 4 query heads on ONE KV head, head_dim 16 (small Gemma 3)."""
+    from transformers import Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    folder = tmp_path / "gemma"
+    _save_folder(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), folder)
+    return folder
+
+
+CLI_ARGS = ["--nsamples", 8, "--seqlen", 16, "--device", "cpu", "--no-progress"]
+
+
+def _cli(*argv) -> int:
+    from structprune.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_one_kv_group_model_saves_and_reloads(tmp_path, capsys):
+    """`structprune prune DIR --sparsity 0.2 --rho 1` on the issue's model keeps 3 of 4 heads (attention
+    pruned as much as the MLP) and writes a folder that reloads (it used to die in config.save_pretrained
+    after every layer was pruned)."""
+    from structprune.io import load_plan
+
+    folder = _issue_folder(tmp_path)
+    out = tmp_path / "out"
+    assert _cli("prune", folder, "--sparsity", 0.2, "--rho", 1, "--out", out, "--calib", tmp_path / "calib.txt",
+                *CLI_ARGS) == 0
+    model = sp.load_pruned(out)
+    plan = load_plan(out)
+    assert {s.num_heads for s in plan.shapes()} == {3}
+    assert abs(plan.actual_sparsity - 0.2) <= 0.01
+    assert torch.isfinite(logits(model, windows(2, 16))).all()
+
+
+def test_cli_unreachable_sparsity_fails_before_any_work(tmp_path, capsys):
+    """0.95 is above what the model can lose: a clear error with the reachable maximum, nothing written."""
+    from structprune.io import partial_dir
+
+    folder = _issue_folder(tmp_path)
+    out = tmp_path / "out"
+    assert _cli("prune", folder, "--sparsity", 0.95, "--out", out, "--calib", tmp_path / "calib.txt", *CLI_ARGS) == 2
+    err = capsys.readouterr().err
+    top = max_sparsity(get_adapter(AutoModelForCausalLM.from_pretrained(folder).config), "both", 0.9)
+    assert "sparsity=0.95 cannot be reached" in err and f"at most {top:.4f}" in err and "--max-layer-sparsity" in err
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_failed_final_write_resumes_to_the_same_bytes(tmp_path, monkeypatch, capsys):
+    """Every layer is pruned, then the last write (config, plan) fails once: the finished layers stay
+    beside --out and `--resume` ends with exactly the files of an uninterrupted run."""
+    import json
+
+    from structprune import io
+    from structprune.io import PLAN_NAME, partial_dir
+
+    folder = _issue_folder(tmp_path)
+    args = ["--sparsity", 0.2, "--rho", 1, "--calib", tmp_path / "calib.txt", *CLI_ARGS]
+    ref = tmp_path / "ref"
+    assert _cli("prune", folder, "--out", ref, *args) == 0
+
+    out = tmp_path / "out"
+    write = io._write_metadata
+    calls = []
+
+    def full_disk_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return write(*a, **kw)
+
+    monkeypatch.setattr(io, "_write_metadata", full_disk_once)
+    with pytest.raises(OSError, match="No space left"):
+        _cli("prune", folder, "--out", out, *args)
+    assert not out.exists()
+    assert sorted(p.name for p in partial_dir(out).glob("model-layer-*")) == [
+        "model-layer-00000.safetensors", "model-layer-00001.safetensors"]
+    assert _cli("prune", folder, "--out", out, *args) == 2  # a leftover run is named, not overwritten
+    assert "--resume" in capsys.readouterr().err
+    assert _cli("prune", folder, "--out", out, *args, "--resume") == 0
+    assert not partial_dir(out).exists()
+    weights = sorted(p.name for p in ref.glob("*.safetensors"))
+    assert weights == sorted(p.name for p in out.glob("*.safetensors")) and len(weights) == 3
+    for name in weights:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+    def plan(path):
+        d = json.loads((path / PLAN_NAME).read_text())
+        d.pop("timing")
+        d["allocation"].pop("seconds")
+        return d
+
+    assert plan(out) == plan(ref)
+    assert json.loads((out / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
