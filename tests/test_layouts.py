@@ -242,3 +242,33 @@ def test_failed_final_write_resumes_to_the_same_bytes(tmp_path, monkeypatch, cap
 
     assert plan(out) == plan(ref)
     assert json.loads((out / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+
+
+def test_max_sparsity_keeps_one_head_group_and_one_neuron_per_layer():
+    from conftest import tiny_config
+
+    ad = get_adapter(tiny_config("llama"))  # hidden 32, 4 heads on 2 KV heads of 8, 48 gated neurons
+    unit, neuron = 2 * 32 * 8, 3 * 32
+    attn, mlp = 6 * unit, 48 * neuron
+    total = attn + mlp
+    assert max_sparsity(ad, "both", 1.0) == pytest.approx(1 - (2 * unit + neuron) / total)
+    assert max_sparsity(ad, "both", 0.9) == pytest.approx(1 - (2 * unit + 0.1 * mlp) / total)
+    assert max_sparsity(ad, "mlp", 0.9) == pytest.approx(1 - (attn + 0.1 * mlp) / total)
+    assert max_sparsity(ad, "attention", 1.0) == pytest.approx(1 - (2 * unit + mlp) / total)
+    with pytest.raises(ValueError, match="modules='heads'"):
+        max_sparsity(ad, "heads")
+
+
+@pytest.mark.parametrize("method,sparsity,message", [
+    ("global", 0.9, "modules=both at most"),  # whole-model rankings used to stop short silently
+    ("flap", 0.9, "modules=both at most"),
+    ("wanda-sp", 0.5, r"modules=mlp \(rho=0\) at most"),  # used to fail in the rho split after the capture
+])
+def test_unreachable_sparsity_fails_before_calibration(method, sparsity, message):
+    """No tokenizer and no windows: an error about them would mean the check came after calibration."""
+    from conftest import tiny_model
+
+    from structprune.methods import method_config
+
+    with pytest.raises(ValueError, match=message):
+        sp.prune(tiny_model("opt"), method_config(method, sparsity=sparsity, device="cpu"), progress=False)

@@ -115,17 +115,21 @@ def max_sparsity(adapter: Adapter, modules: str = "both", max_layer_sparsity: fl
 def check_reachable(config: PruneConfig, adapter: Adapter) -> None:
     """ValueError, before any work, when config.sparsity is above `max_sparsity` for this model."""
     modules = config_modules(config)
+    mlp_only_rho = (config.allocation == "uniform" and modules == "both" and config.rho != "auto"
+                    and float(config.rho) == 0.0)  # the uniform rule with rho=0 keeps every head
+    if mlp_only_rho:
+        modules = "mlp"
     top = max_sparsity(adapter, modules, config.max_layer_sparsity)
     if config.sparsity > top + 1e-9:
         cap = ("" if config.max_layer_sparsity >= 1.0 else
                f" and no module loses more than max_layer_sparsity={config.max_layer_sparsity:g} of its weights")
         raise ValueError(
             f"sparsity={config.sparsity:g} cannot be reached on this {adapter.config.model_type} model: with "
-            f"modules={modules} at most {top:.4f} of its decoder linear weights can be removed (every layer keeps one "
-            f"KV group with one query head and one FFN neuron{cap}, unpruned modules keep everything). Use "
-            f"--sparsity {math.floor(top * 1000) / 1000:g} or less"
+            f"modules={modules}{' (rho=0)' if mlp_only_rho else ''} at most {top:.4f} of its decoder linear weights "
+            f"can be removed (every layer keeps one KV group with one query head and one FFN neuron{cap}, unpruned "
+            f"modules keep everything). Use --sparsity {math.floor(top * 1000) / 1000:g} or less"
             + (", or raise --max-layer-sparsity" if config.max_layer_sparsity < 1.0 else "")
-            + (", or --modules both" if modules != "both" else ""))
+            + (", or a --rho above 0" if mlp_only_rho else ", or --modules both" if modules != "both" else ""))
 
 
 def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list[torch.Tensor],
