@@ -252,7 +252,8 @@ def test_max_sparsity_keeps_one_head_group_and_one_neuron_per_layer():
     attn, mlp = 6 * unit, 48 * neuron
     total = attn + mlp
     assert max_sparsity(ad, "both", 1.0) == pytest.approx(1 - (2 * unit + neuron) / total)
-    assert max_sparsity(ad, "both", 0.9) == pytest.approx(1 - (2 * unit + 0.1 * mlp) / total)
+    assert max_sparsity(ad, "both", 0.5) == pytest.approx(0.5)  # the cap binds, not the single head
+    assert max_sparsity(ad, "both", 0.9) == pytest.approx(1 - (2 * unit + neuron) / total)
     assert max_sparsity(ad, "mlp", 0.9) == pytest.approx(1 - (attn + 0.1 * mlp) / total)
     assert max_sparsity(ad, "attention", 1.0) == pytest.approx(1 - (2 * unit + mlp) / total)
     with pytest.raises(ValueError, match="modules='heads'"):
@@ -272,3 +273,20 @@ def test_unreachable_sparsity_fails_before_calibration(method, sparsity, message
 
     with pytest.raises(ValueError, match=message):
         sp.prune(tiny_model("opt"), method_config(method, sparsity=sparsity, device="cpu"), progress=False)
+
+
+@pytest.mark.parametrize("modules", list(MODULES))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_reachable_maximum_is_reached(layout, modules):
+    """max_sparsity is not just a safe bound: the default configuration (max_layer_sparsity 0.9,
+    rho searched) run at it (rounded down to a percent) lands within 1 point; just above, it refuses."""
+    import math
+
+    model = layout_model(layout)
+    top = max_sparsity(get_adapter(model.config), modules, 0.9)
+    sparsity = math.floor(top * 100) / 100
+    cfg = sp.PruneConfig(sparsity=sparsity, nsamples=4, seqlen=16, batch_size=4, device="cpu", **MODULES[modules])
+    res = sp.prune(model, cfg, calib_windows=windows(4, 16), progress=False)
+    assert abs(res.plan.actual_sparsity - sparsity) <= 0.01
+    with pytest.raises(ValueError, match="cannot be reached"):
+        sp.prune(model, cfg.replace(sparsity=min(0.95, top + 0.005)), calib_windows=windows(4, 16), progress=False)

@@ -99,7 +99,9 @@ def max_sparsity(adapter: Adapter, modules: str = "both", max_layer_sparsity: fl
     """The largest ACTUAL decoder sparsity (fraction of decoder linear weights removed) a run can
     reach on this model: every layer keeps at least one KV group with one query head in it and one
     FFN neuron, modules that may not be pruned (`modules`: both | mlp | attention) keep all their
-    weights, and no prunable module loses more than `max_layer_sparsity` of its weights."""
+    weights, and the allocation gives no prunable module more than `max_layer_sparsity` (with both
+    kinds the attention's rounding to whole heads is made up in the same layer's MLP, so the cap
+    bounds the two together)."""
     if modules not in MODULES:
         raise ValueError(f"modules={modules!r} is invalid: choose one of {MODULES}")
     if not 0.0 < max_layer_sparsity <= 1.0:
@@ -107,9 +109,14 @@ def max_sparsity(adapter: Adapter, modules: str = "both", max_layer_sparsity: fl
     shape = adapter.dense_shape()
     attn, mlp = adapter.attn_params(shape), adapter.mlp_params(shape)
     floor = 1.0 - max_layer_sparsity
-    kept_attn = attn if modules == "mlp" else max(adapter.q_head_cost + adapter.kv_head_cost, floor * attn)
-    kept_mlp = mlp if modules == "attention" else max(adapter.neuron_cost, floor * mlp)
-    return 1.0 - (kept_attn + kept_mlp) / (attn + mlp)
+    min_attn, min_mlp = adapter.q_head_cost + adapter.kv_head_cost, adapter.neuron_cost
+    if modules == "both":
+        kept = max(min_attn + min_mlp, floor * (attn + mlp))
+    elif modules == "mlp":
+        kept = attn + max(min_mlp, floor * mlp)
+    else:
+        kept = mlp + max(min_attn, floor * attn)
+    return 1.0 - kept / (attn + mlp)
 
 
 def check_reachable(config: PruneConfig, adapter: Adapter) -> None:
@@ -127,7 +134,7 @@ def check_reachable(config: PruneConfig, adapter: Adapter) -> None:
             f"sparsity={config.sparsity:g} cannot be reached on this {adapter.config.model_type} model: with "
             f"modules={modules}{' (rho=0)' if mlp_only_rho else ''} at most {top:.4f} of its decoder linear weights "
             f"can be removed (every layer keeps one KV group with one query head and one FFN neuron{cap}, unpruned "
-            f"modules keep everything). Use --sparsity {math.floor(top * 1000) / 1000:g} or less"
+            f"modules keep everything). Use --sparsity {math.floor(top * 1000 + 1e-6) / 1000:g} or less"
             + (", or raise --max-layer-sparsity" if config.max_layer_sparsity < 1.0 else "")
             + (", or a --rho above 0" if mlp_only_rho else ", or --modules both" if modules != "both" else ""))
 
