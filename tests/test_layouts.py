@@ -290,3 +290,20 @@ def test_the_reachable_maximum_is_reached(layout, modules):
     assert abs(res.plan.actual_sparsity - sparsity) <= 0.01
     with pytest.raises(ValueError, match="cannot be reached"):
         sp.prune(model, cfg.replace(sparsity=min(0.95, top + 0.005)), calib_windows=windows(4, 16), progress=False)
+
+
+def test_an_illegal_planned_shape_fails_before_the_first_layer(tmp_path):
+    """Replayed masks whose layer 1 keeps 3 query heads on 2 KV heads: refused before layer 0 is pruned
+    (it used to fail inside layer 1, after layer 0's work)."""
+    from conftest import tiny_model
+
+    from structprune.io import ShardWriter
+
+    model = tiny_model("llama")  # 4 query heads on 2 KV heads
+    cfg = sp.PruneConfig(sparsity=0.3, nsamples=4, seqlen=16, batch_size=4, device="cpu", rho=1.0)
+    plan = sp.prune(model, cfg, calib_windows=windows(4, 16), progress=False).plan
+    plan.layers[1].kept_heads, plan.layers[1].kept_kv_heads = [0, 1, 2], [0, 1]
+    sink = ShardWriter(tmp_path / "m")
+    with pytest.raises(ValueError, match="layer 1: shape"):
+        sp.prune(model, cfg, calib_windows=windows(4, 16), progress=False, masks=plan, sink=sink)
+    assert sink.layers_written == []
