@@ -65,6 +65,7 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
         tokenizer = tokenizer or loaded_tok
     else:
         model = model_or_path
+    _check_reachable(model, config)
     if calib_windows is None:
         if tokenizer is None:
             raise ValueError("no tokenizer: the model folder has none, so pass tokenizer= or calib_windows= "
@@ -89,6 +90,16 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
         pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows,
                                    masks=masks, sink=sink)
     return PruneResult(model=pruned, plan=plan, tokenizer=tokenizer)
+
+
+def _check_reachable(model: Any, config: PruneConfig) -> None:
+    """An unreachable sparsity fails before calibration (planning.max_sparsity); the whole-model
+    rankings (global, flap) apply no per-module cap."""
+    from .arch import get_adapter
+    from .planning import check_reachable
+
+    whole_model = config.scope == "global" or config.allocation == "flap"
+    check_reachable(config.replace(max_layer_sparsity=1.0) if whole_model else config, get_adapter(model.config))
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer: Any, data: str = "wiki", seqlen: int = 512,
