@@ -296,6 +296,10 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
                                dtype, config.batch_size)
             log.info("rho %.2f: held-back calibration loss %.4f", rho, loss)
             table.append((loss, rho, kept))
+        if not table:  # no split of the budget between attention and MLP reaches the sparsity
+            raise ValueError(f"sparsity={config.sparsity} cannot be reached with max_layer_sparsity="
+                             f"{config.max_layer_sparsity} for any attention/MLP ratio {RHO_CANDIDATES}; "
+                             "lower --sparsity or raise --max-layer-sparsity")
         loss, rho_chosen, kept = min(table)
         info.update({"rho": rho_chosen, "rho_source": "auto", "rho_search": [[r, v] for v, r, _ in table]})
         if config.allocation == "uniform":
