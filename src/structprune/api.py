@@ -63,8 +63,13 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
     config = config or PruneConfig()
     resolve_device(config.device)  # fail fast on a missing device
     if isinstance(model_or_path, str):
+        from .preflight import check_context, check_model_spec, check_tokenizer
+
+        check_model_spec(model_or_path)  # missing path, broken config.json or safetensors: fail before loading
         model, loaded_tok = open_for_pruning(model_or_path, config.dtype)
         tokenizer = tokenizer or loaded_tok
+        check_context(model.config, config.seqlen, "seqlen")
+        check_tokenizer(tokenizer, model.config)
     else:
         model = model_or_path
     if calib_windows is None:

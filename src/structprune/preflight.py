@@ -291,8 +291,8 @@ def check_output(out: str | Path, model_spec: str | None, overwrite: bool) -> Pa
         model = Path(os.path.expanduser(model_spec))
         if model.exists():
             m, o = model.resolve(), out.resolve()
-            model_dir = m if m.is_dir() else m.parent
-            if o == model_dir or model_dir in o.parents:
+            model_dir = m  # a folder; beside a single file (.gguf) is fine
+            if m.is_dir() and (o == model_dir or model_dir in o.parents):
                 raise PreflightError(f"--out {str(out)!r} is inside the input model folder {str(model_dir)!r}; "
                                      "write the pruned model somewhere else (e.g. a sibling folder), so the input "
                                      "stays untouched")
