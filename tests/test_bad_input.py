@@ -136,6 +136,8 @@ CASES = [
      lambda f: (f / "config.json").unlink()),
     ("GGUF file that is not a model", ["prune", "{tmp}/fake.gguf"] + P[2:], "is not a GGUF model file",
      "pass a real .gguf model", None),
+    ("GGUF magic but no model", ["prune", "{tmp}/stub.gguf"] + P[2:], "could not be read as a GGUF model",
+     "pass a complete .gguf model", None),
     ("model path missing (relative)", ["prune", "missing/model"] + P[2:], "does not exist", "check the path", None),
     ("NaN weight", prune(), "'model.layers.1.mlp.down_proj.weight'", "holds NaN or Inf", _poison(math.nan)),
     ("Inf weight", prune(), "'model.layers.1.mlp.down_proj.weight'", "holds NaN or Inf", _poison(math.inf)),
@@ -228,6 +230,7 @@ def test_bad_input_table(base, tmp_path, capsys, monkeypatch, mounts, case, argv
     (tmp_path / "notext.jsonl").write_text(json.dumps({"body": "w1 w2"}) + "\n")
     (tmp_path / "broken.jsonl").write_text(json.dumps({"text": "w1 w2"}) + "\n{not json\n")
     (tmp_path / "fake.gguf").write_text("this is not a model\n")
+    (tmp_path / "stub.gguf").write_bytes(b"GGUF" + bytes(60))
     (tmp_path / "afile").write_text("x")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep").write_text("x")
@@ -267,6 +270,20 @@ def test_unparsable_number_is_a_usage_error(base, tmp_path, capsys):
         main(["prune", str(base / "tiny"), "--out", str(tmp_path / "o"), "--nsamples", "many"])
     assert e.value.code == 2
     assert "argument --nsamples: invalid int value: 'many'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_script_exit_code_and_no_traceback(base, tmp_path):
+    """The installed entry point, as a real process: an unreachable sparsity gives exit code 2 and an
+    `error:` line, no traceback."""
+    script = Path(sys.executable).parent / "structprune"
+    entry = [str(script)] if script.is_file() else [sys.executable, "-m", "structprune.cli"]
+    r = subprocess.run([*entry, "prune", str(base / "tiny"), "--out",
+                        str(tmp_path / "o"), "--calib", str(base / "calib.txt"), "--sparsity", "0.95", "--seqlen", "32",
+                        "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "error: sparsity=0.95 cannot be reached" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -186,6 +186,28 @@ def check_model_spec(spec: str) -> dict[str, Any] | None:
     return cfg
 
 
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file a MODEL argument names (the built-in model is one), else None."""
+    if _is_builtin(spec):
+        from .loading import ALIASES, _builtin_gguf
+
+        return _builtin_gguf(ALIASES.get(spec.lower(), spec.lower()))
+    path = Path(os.path.expanduser(spec))
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def gguf_config(path: Path) -> Any:
+    """The model config stored in a GGUF file's metadata (reads no tensor)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # any parse failure of a user's file: say what it is, not where it broke
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise PreflightError(f"{str(path)!r} could not be read as a GGUF model ({type(e).__name__}: {first}); pass a "
+                             "complete .gguf model of a supported family, or a Hugging Face model folder") from None
+
+
 def _first_nonfinite(t: torch.Tensor) -> bool:
     if not (t.is_floating_point() or t.is_complex()):
         return False
@@ -231,7 +253,7 @@ def check_context(config: Any, seqlen: int, flag: str) -> None:
     ctx = model_context(config)
     if ctx is not None and seqlen > ctx[0]:
         raise PreflightError(f"{flag} {seqlen} is longer than the model's context of {ctx[0]} tokens ({ctx[1]} in "
-                             f"config.json); use {flag} {ctx[0]} or less")
+                             f"its config); use {flag} {ctx[0]} or less")
 
 
 def check_reachable(config: Any, model_config: Any) -> None:
@@ -240,7 +262,10 @@ def check_reachable(config: Any, model_config: Any) -> None:
     from .arch import get_adapter
     from .planning import module_params, prunable_keys
 
-    adapter = get_adapter(model_config)
+    try:
+        adapter = get_adapter(model_config)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
     params = module_params(adapter)
     total = sum(params.values())
     prunable = sum(params[k] for k in prunable_keys(config, adapter))
@@ -252,7 +277,7 @@ def check_reachable(config: Any, model_config: Any) -> None:
             f"sparsity={config.sparsity} cannot be reached: pruning {kinds} with at most {config.max_layer_sparsity:g} "
             f"of any module removed (--max-layer-sparsity) leaves at most {bound:.4f} of the decoder's linear "
             f"weights to remove; lower --sparsity to {math.floor(bound * 100) / 100:g} or less, or raise "
-            "--max-layer-sparsity / prune both --modules")
+            "--max-layer-sparsity" + ("" if config.prune_attention and config.prune_mlp else " or prune --modules both"))
 
 
 def check_tokenizer(tokenizer: Any, model_config: Any) -> None:
@@ -362,6 +387,9 @@ def before_prune(args: Any, config: Any) -> None:
         raise PreflightError("--out is required: the folder to write the pruned model to")
     check_output(args.out, args.model, args.overwrite)
     cfg = check_model_spec(args.model)
+    gguf = gguf_file(args.model)
+    if gguf is not None:  # its metadata alone: context and reachable sparsity before the slow dequantizing load
+        check_model_config(args, config, gguf_config(gguf))
     if cfg is not None:
         from transformers import AutoConfig
 
