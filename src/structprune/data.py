@@ -125,9 +125,9 @@ def _file_text(path: Path) -> str:
         for n, row in enumerate(_json_rows(path, raw), 1):
             text = row.get("text") if isinstance(row, dict) else row
             if not isinstance(text, str):
-                keys = f" (its keys: {', '.join(map(str, row))})" if isinstance(row, dict) else ""
-                raise ValueError(f"{path}: record {n} has no string 'text' field{keys}; every record needs one "
-                                 f"(got {type(text).__name__})")
+                what = (f"has no 'text' field (its keys: {', '.join(map(str, row))})" if text is None
+                        else f"has a {type(text).__name__} where the 'text' string should be")
+                raise ValueError(f"{path}: record {n} {what}; every record needs a string 'text' field")
             if text.strip():
                 texts.append(text.strip())
         raw = "\n\n".join(texts)
@@ -243,8 +243,8 @@ def split_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, n_ho
     if slots < nsamples:
         raise ValueError(
             f"calibration text has {total} tokens, too short for {nsamples} windows of {seqlen} tokens "
-            f"(needs at least {nsamples * seqlen}: windows never share a token, and {n_holdout} of them are held "
-            "back for the allocation searches); use a longer text or lower --nsamples/--seqlen")
+            f"(needs at least {nsamples * seqlen}: windows never share a token, held-back ones included); "
+            "use a longer text or lower --nsamples/--seqlen")
     gen = torch.Generator().manual_seed(seed)
     shift = int(torch.randint(0, total - slots * seqlen + 1, (1,), generator=gen))
     picked = torch.randperm(slots, generator=gen)[:nsamples]

@@ -318,7 +318,8 @@ def check_output(out: str | Path, model_spec: str | None, overwrite: bool) -> Pa
             m, o = model.resolve(), out.resolve()
             model_dir = m  # a folder; beside a single file (.gguf) is fine
             if m.is_dir() and (o == model_dir or model_dir in o.parents):
-                raise PreflightError(f"--out {str(out)!r} is inside the input model folder {str(model_dir)!r}; "
+                what = "is the input model folder" if o == model_dir else "is inside the input model folder"
+                raise PreflightError(f"--out {str(out)!r} {what} {str(model_dir)!r}; "
                                      "write the pruned model somewhere else (e.g. a sibling folder), so the input "
                                      "stays untouched")
             if o in m.parents:
@@ -347,10 +348,17 @@ def check_disk(out: str | Path, need_bytes: int) -> None:
     where = _existing_ancestor(Path(os.path.expanduser(str(out))).parent)
     free = shutil.disk_usage(where).free
     if free < need_bytes:
-        mib = 1 << 20
         raise PreflightError(f"not enough disk space for --out {str(out)!r}: the pruned model needs about "
-                             f"{need_bytes / mib:.1f} MiB, {str(where)!r} has {free / mib:.1f} MiB free; free some "
+                             f"{human_bytes(need_bytes)}, {str(where)!r} has {human_bytes(free)} free; free some "
                              "space or choose an --out on another disk")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def source_estimate(source: Any, config: Any) -> int:
