@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,8 @@ CASES = [
      "pass a real .gguf model", None),
     ("GGUF magic but no model", ["prune", "{tmp}/stub.gguf"] + P[2:], "could not be read as a GGUF model",
      "pass a complete .gguf model", None),
+    ("GGUF truncated in its metadata", ["prune", "{tmp}/cut.gguf"] + P[2:], "truncated",
+     "pass a complete .gguf model", None),
     ("model path missing (relative)", ["prune", "missing/model"] + P[2:], "does not exist", "check the path", None),
     ("NaN weight", prune(), "'model.layers.1.mlp.down_proj.weight'", "holds NaN or Inf", _poison(math.nan)),
     ("Inf weight", prune(), "'model.layers.1.mlp.down_proj.weight'", "holds NaN or Inf", _poison(math.inf)),
@@ -231,6 +234,7 @@ def test_bad_input_table(base, tmp_path, capsys, monkeypatch, mounts, case, argv
     (tmp_path / "broken.jsonl").write_text(json.dumps({"text": "w1 w2"}) + "\n{not json\n")
     (tmp_path / "fake.gguf").write_text("this is not a model\n")
     (tmp_path / "stub.gguf").write_bytes(b"GGUF" + bytes(60))
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 5))  # 5 metadata entries promised, none
     (tmp_path / "afile").write_text("x")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep").write_text("x")

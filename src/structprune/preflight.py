@@ -196,16 +196,60 @@ def gguf_file(spec: str) -> Path | None:
     return path if path.is_file() and path.suffix == ".gguf" else None
 
 
-def gguf_config(path: Path) -> Any:
-    """The model config stored in a GGUF file's metadata (reads no tensor)."""
-    from transformers import AutoConfig
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    try:
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as e:  # any parse failure of a user's file: say what it is, not where it broke
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise PreflightError(f"{str(path)!r} could not be read as a GGUF model ({type(e).__name__}: {first}); pass a "
-                             "complete .gguf model of a supported family, or a Hugging Face model folder") from None
+
+def gguf_context(path: Path) -> tuple[int, str] | None:
+    """(context length, its key) from a GGUF file's metadata, read up to that key only (no tensor,
+    no vocabulary parsed: a fraction of a second where transformers' parser takes seconds).
+    A file that is not a readable GGUF is a PreflightError."""
+    def bad(why: str) -> PreflightError:
+        return PreflightError(f"{str(path)!r} could not be read as a GGUF model ({why}); pass a complete .gguf "
+                              "model, or a Hugging Face model folder")
+
+    with open(path, "rb") as f:
+        def take(fmt: str) -> Any:
+            raw = f.read(struct.calcsize(fmt))
+            if len(raw) != struct.calcsize(fmt):
+                raise bad("the file ends inside its metadata: truncated")
+            return struct.unpack(fmt, raw)[0]
+
+        def text() -> str:
+            n = take("<Q")
+            if n > 1 << 24:
+                raise bad("a metadata string is implausibly long: corrupt")
+            return f.read(n).decode("utf-8", "replace")
+
+        def value(kind: int) -> Any:
+            if kind in _GGUF_SCALARS:
+                return take(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return text()
+            if kind == 9:
+                inner, count = take("<I"), take("<Q")
+                if inner in _GGUF_SCALARS:  # skip fixed-size elements at once
+                    f.seek(struct.calcsize(_GGUF_SCALARS[inner]) * count, os.SEEK_CUR)
+                    return None
+                for _ in range(count):
+                    value(inner)
+                return None
+            raise bad(f"unknown metadata type {kind}: corrupt")
+
+        if f.read(4) != GGUF_MAGIC:
+            raise bad("no GGUF magic bytes")
+        version = take("<I")
+        if version not in (2, 3):
+            raise bad(f"GGUF version {version}; versions 2 and 3 are supported")
+        take("<Q")  # tensor count
+        arch = None
+        for _ in range(take("<Q")):
+            key = text()
+            v = value(take("<I"))
+            if key == "general.architecture":
+                arch = v
+            elif arch is not None and key == f"{arch}.context_length" and isinstance(v, int):
+                return v, key
+    return None
 
 
 def _first_nonfinite(t: torch.Tensor) -> bool:
@@ -262,14 +306,17 @@ def check_reachable(config: Any, model_config: Any) -> None:
     from .arch import get_adapter
     from .planning import module_params, prunable_keys
 
-    try:
-        adapter = get_adapter(model_config)
-    except ValueError as e:
-        raise PreflightError(str(e)) from None
-    params = module_params(adapter)
-    total = sum(params.values())
-    prunable = sum(params[k] for k in prunable_keys(config, adapter))
-    bound = config.max_layer_sparsity * prunable / total if total else 0.0
+    if model_config is None:  # both kinds prunable: every decoder weight is
+        bound = config.max_layer_sparsity
+    else:
+        try:
+            adapter = get_adapter(model_config)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+        params = module_params(adapter)
+        total = sum(params.values())
+        prunable = sum(params[k] for k in prunable_keys(config, adapter))
+        bound = config.max_layer_sparsity * prunable / total if total else 0.0
     if config.sparsity > bound + 1e-9:
         kinds = ("heads and FFN neurons" if config.prune_attention and config.prune_mlp
                  else "FFN neurons only" if config.prune_mlp else "heads only")
@@ -396,8 +443,15 @@ def before_prune(args: Any, config: Any) -> None:
     check_output(args.out, args.model, args.overwrite)
     cfg = check_model_spec(args.model)
     gguf = gguf_file(args.model)
-    if gguf is not None:  # its metadata alone: context and reachable sparsity before the slow dequantizing load
-        check_model_config(args, config, gguf_config(gguf))
+    if gguf is not None:  # its metadata alone, before the slow dequantizing load
+        ctx = gguf_context(gguf)
+        if ctx is not None:
+            n = ctx[0]
+            check_context({"max_position_embeddings": n}, config.seqlen, "--seqlen")
+            if getattr(args, "eval", False) or args.command == "demo":
+                check_context({"max_position_embeddings": n}, args.eval_seqlen, "--eval-seqlen")
+        if config.prune_attention and config.prune_mlp:  # every decoder weight prunable: the bound needs no shape
+            check_reachable(config, None)
     if cfg is not None:
         from transformers import AutoConfig
 
