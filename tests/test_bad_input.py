@@ -144,6 +144,8 @@ CASES = [
     ("model path missing (relative)", ["prune", "missing/model"] + P[2:], "does not exist", "check the path", None),
     ("NaN weight", prune(), "'model.layers.1.mlp.down_proj.weight'", "holds NaN or Inf", _poison(math.nan)),
     ("Inf weight", prune(), "'model.layers.1.mlp.down_proj.weight'", "holds NaN or Inf", _poison(math.inf)),
+    ("tokenizer.json not JSON", prune(), "has no usable tokenizer files (missing or unreadable)",
+     "save the model's tokenizer into that folder", lambda f: (f / "tokenizer.json").write_text("{broken")),
     ("tokenizer larger than the embedding", prune(), "the tokenizer has 201 tokens but the model's embedding has 96",
      "use the tokenizer that was saved with this model", _big_tokenizer),
     # the output

@@ -119,7 +119,8 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
     io.check_output_dir(args.out, args.overwrite)
     model, tok = open_for_pruning(args.model, config.dtype)
     if tok is None:
-        raise ValueError(f"{args.model} has no tokenizer files; save the model's tokenizer into that folder")
+        raise ValueError(f"{args.model} has no usable tokenizer files (missing or unreadable); save the model's "
+                         "tokenizer into that folder")
     preflight.after_load(args, config, model, tok)
     # one draw: calibration and held-back windows never overlap (data.split_windows)
     windows, holdout = api.calibration_data(tok, config, holdout=True)
