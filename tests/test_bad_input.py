@@ -395,3 +395,17 @@ def test_same_command_twice_gives_identical_plans_and_weights(base, tmp_path, ca
     assert main(argv + ["--out", str(tmp_path / "b")]) == 0
     capsys.readouterr()
     _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_api_checks_the_model_before_loading(base, tmp_path):
+    """structprune.prune("folder") runs the same model checks as the CLI (PreflightError, a ValueError)."""
+    import structprune as sp
+    from structprune.preflight import PreflightError
+
+    model = _copy_model(base, tmp_path)
+    _truncate(model)
+    with pytest.raises(PreflightError, match="model.safetensors is truncated"):
+        sp.prune(str(model), sp.PruneConfig(nsamples=4, seqlen=32, calib=str(base / "calib.txt"), device="cpu"))
+    with pytest.raises(PreflightError, match="longer than the model's context of 64"):
+        sp.prune(str(base / "tiny"), sp.PruneConfig(nsamples=4, seqlen=128, calib=str(base / "calib.txt"),
+                                                    device="cpu"))
