@@ -75,3 +75,32 @@ def test_every_method_calibrates_on_the_same_windows(tmp_path, nsamples):
         if held is not None:
             rows = {tuple(w.tolist()) for w in calib}
             assert not rows & {tuple(w.tolist()) for w in held}, name
+
+
+def test_cli_and_bench_calibrate_on_the_same_windows(tmp_path, capsys):
+    """`structprune prune` and `structprune bench quality` draw the same windows (one function):
+    with equal settings they keep exactly the same units, adaptive (held-back search) or not."""
+    import json
+
+    from conftest import save_tiny_folder
+
+    from structprune.cli import main
+
+    save_tiny_folder(tmp_path / "tiny")
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "c.txt").write_text(" ".join(TINY_WORDS[i] for i in torch.randint(0, 90, (2000,), generator=g)))
+    (tmp_path / "e.txt").write_text(" ".join(TINY_WORDS[i] for i in torch.randint(0, 90, (400,), generator=g)))
+    common = ["--calib", str(tmp_path / "c.txt"), "--nsamples", "16", "--seqlen", "16", "--device", "cpu"]
+    assert main(["bench", "quality", "--model", str(tmp_path / "tiny"), "--texts", str(tmp_path / "e.txt"),
+                 "--windows", "2", "--methods", "structprune", "wanda-sp", "--sparsities", "0.3",
+                 "--out", str(tmp_path / "res" / "q.json"), *common]) == 0
+    for method in ("structprune", "wanda-sp"):
+        out = tmp_path / method
+        assert main(["prune", str(tmp_path / "tiny"), "--method", method, "--sparsity", "0.3", "--out", str(out),
+                     "--no-progress", *common]) == 0
+        cli = json.loads((out / "structprune_plan.json").read_text())
+        bench = json.loads(next((tmp_path / "res" / "plans").glob(f"{method}@0.3*.json")).read_text())
+        for a, b in zip(cli["layers"], bench["layers"], strict=True):
+            assert (a["kept_heads"], a["kept_neurons"]) == (b["kept_heads"], b["kept_neurons"]), method
+            assert a["neuron_scores"] == pytest.approx(b["neuron_scores"], rel=1e-5), method
+    capsys.readouterr()
