@@ -106,11 +106,9 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
     import torch
 
-    from . import api, io
+    from . import api, io, preflight
     from .loading import load_model, open_for_pruning
     from .streaming import resolve_device
-
-    from . import preflight
 
     config = _config(args)
     if args.out is None:

@@ -30,8 +30,6 @@ from .arch import supported_model_types
 
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 GGUF_MAGIC = b"GGUF"
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _CHUNK = 1 << 24  # elements checked for finiteness at once (bounded scratch memory)
 
 
@@ -252,7 +250,7 @@ def gguf_context(path: Path) -> tuple[int, str] | None:
     return None
 
 
-def _first_nonfinite(t: torch.Tensor) -> bool:
+def _has_nonfinite(t: torch.Tensor) -> bool:
     if not (t.is_floating_point() or t.is_complex()):
         return False
     flat = t.reshape(-1)
@@ -269,7 +267,7 @@ def check_finite_weights(folder: Path) -> None:
             keys = list(f.keys())
         for key in keys:
             with safe_open(str(path), framework="pt") as f:
-                bad = _first_nonfinite(f.get_tensor(key))
+                bad = _has_nonfinite(f.get_tensor(key))
             if bad:
                 raise PreflightError(f"weight {key!r} in {path} holds NaN or Inf values; the checkpoint is broken "
                                      "(re-download it, or repair that tensor before pruning)")
@@ -277,7 +275,7 @@ def check_finite_weights(folder: Path) -> None:
 
 def check_finite_model(model: torch.nn.Module) -> None:
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if not p.is_meta and _first_nonfinite(p.detach()):
+        if not p.is_meta and _has_nonfinite(p.detach()):
             raise PreflightError(f"weight {name!r} of the model holds NaN or Inf values; the checkpoint is broken "
                                  "(re-download it, or repair that tensor before pruning)")
 
