@@ -106,22 +106,22 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
     import torch
 
-    from . import api, io
+    from . import api, io, preflight
     from .loading import load_model, open_for_pruning
     from .streaming import resolve_device
 
     config = _config(args)
     if args.out is None:
         raise ValueError("--out is required: the folder to write the pruned model to")
+    preflight.before_prune(args, config)  # everything checkable before loading (preflight.py)
     io.check_output_dir(args.out, args.overwrite)
     model, tok = open_for_pruning(args.model, config.dtype)
     if tok is None:
-        raise ValueError(f"{args.model} has no tokenizer files; save the model's tokenizer into that folder")
-    holdout = None
-    if api.needs_holdout(config):
-        windows, holdout = api.calibration_data(tok, config, holdout=True)
-    else:
-        windows = api.calibration_data(tok, config)
+        raise ValueError(f"{args.model} has no usable tokenizer files (missing or unreadable); save the model's "
+                         "tokenizer into that folder")
+    preflight.after_load(args, config, model, tok)
+    # one draw: calibration and held-back windows never overlap (data.split_windows)
+    windows, holdout = api.calibration_data(tok, config, holdout=True)
     dense_ppl = pruned_ppl = None
     ev = dict(data=args.data, seqlen=args.eval_seqlen, windows=args.windows, device=args.device,
               progress=not args.no_progress) if evaluate else {}
@@ -171,10 +171,12 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import api
+    from . import api, preflight
     from .loading import load_model
 
+    preflight.before_eval(args.model, args.seqlen, args.windows, args.device)
     model, tok = load_model(args.model, args.dtype)
+    preflight.check_context(model.config, args.seqlen, "--seqlen")
     ppl = api.evaluate_perplexity(model, tok, data=args.data, seqlen=args.seqlen, windows=args.windows,
                                   device=args.device, progress=not args.no_progress)
     print(_table([("model", args.model), ("data", f"{args.data} (eval split)"),
@@ -185,7 +187,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import load_plan
+    from .preflight import check_info_dir
 
+    check_info_dir(args.dir)
     plan = load_plan(args.dir)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
@@ -396,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         from .hostmem import release_freed_memory
 
         release_freed_memory()  # freed tensors go back to the OS: peak RSS tracks live tensors
+    from . import interrupts
+
+    restore_signals = interrupts.install()  # SIGINT / SIGTERM: a clean exit, finished layers kept
     try:
         if args.command == "prune":
             return cmd_prune(args, evaluate=args.eval)
@@ -417,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"error: {interrupts.message(e, args.command, getattr(args, 'out', None))}", file=sys.stderr)
+        return interrupts.exit_code(e)
+    finally:
+        restore_signals()
     return 1
 
 
