@@ -164,7 +164,7 @@ CASES = [
     # numeric flags
     ("sparsity above the maximum", prune("--sparsity", "0.97"), "sparsity=0.97 is invalid", "[0, 0.95]", None),
     ("sparsity 0.95 unreachable", prune("--sparsity", "0.95"), "sparsity=0.95 cannot be reached",
-     "lower --sparsity", None),
+     "Use --sparsity 0.854 or less", None),
     ("negative sparsity", prune("--sparsity", "-0.1"), "sparsity=-0.1 is invalid", "[0, 0.95]", None),
     ("sparsity NaN", prune("--sparsity", "nan"), "sparsity=nan is invalid", "fraction", None),
     ("nsamples 0", prune("--nsamples", "0"), "nsamples=0 is invalid", "at least one", None),
