@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .config import PruneConfig
 from .data import calibration_windows, eval_windows, load_text, tokenize
 from .evaluate import perplexity
@@ -60,6 +61,7 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
     """
     config = config or PruneConfig()
     resolve_device(config.device)  # fail fast on a missing device
+    distributed.check_supported(config)  # under torchrun: refuse what does not run sharded yet
     if isinstance(model_or_path, str):
         model, loaded_tok = open_for_pruning(model_or_path, config.dtype)
         tokenizer = tokenizer or loaded_tok

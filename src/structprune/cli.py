@@ -106,11 +106,12 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
     import torch
 
-    from . import api, io
+    from . import api, distributed, io
     from .loading import load_model, open_for_pruning
     from .streaming import resolve_device
 
     config = _config(args)
+    evaluate = evaluate and distributed.rank() == 0  # under torchrun rank 0 evaluates; the others only prune
     if args.out is None:
         raise ValueError("--out is required: the folder to write the pruned model to")
     io.check_output_dir(args.out, args.overwrite)
@@ -131,7 +132,8 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         del dense
     # Layer-wise runs write each layer to the output as soon as it is pruned (and, unless the
     # pruned model is evaluated afterwards, free it); the folder appears atomically at the end.
-    sink = (io.ShardWriter(args.out, args.overwrite, release=not evaluate, resume=args.resume)
+    sink = (distributed.rank_sink(lambda: io.ShardWriter(args.out, args.overwrite, release=not evaluate,
+                                                         resume=args.resume))  # torchrun: rank 0 writes
             if config.scope == "layer" else None)
     try:
         t0 = time.perf_counter()
@@ -151,6 +153,8 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         if sink is not None:
             sink.abort()
         raise
+    if distributed.rank() != 0:
+        return 0
     plan = result.plan
     rows = [
         ("model", args.model),
@@ -397,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
 
         release_freed_memory()  # freed tensors go back to the OS: peak RSS tracks live tensors
     try:
+        if args.command in ("prune", "demo"):
+            from . import distributed
+
+            if distributed.init_from_env(args.device) and distributed.rank() != 0:  # launched by torchrun
+                args.no_progress = True
         if args.command == "prune":
             return cmd_prune(args, evaluate=args.eval)
         if args.command == "demo":
@@ -417,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if args.command in ("prune", "demo"):
+            from . import distributed
+
+            distributed.shutdown()
     return 1
 
 
