@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if distributed.init_from_env(args.device) and distributed.rank() != 0:  # launched by torchrun
                 args.no_progress = True
+                logging.getLogger("structprune").setLevel(logging.WARNING)  # rank 0 tells the story
         if args.command == "prune":
             return cmd_prune(args, evaluate=args.eval)
         if args.command == "demo":
