@@ -43,7 +43,9 @@ def _worker(folder: str, argv: list[str]) -> int:
     import torch
 
     rank = int(os.environ.get("RANK", "0"))
+    use = resource.getrusage(resource.RUSAGE_SELF)
     peaks = {"rank": rank, "exit_code": code, "seconds": time.perf_counter() - t0,
+             "cpu_seconds": use.ru_utime + use.ru_stime,
              "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
              "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None}
     Path(folder, f"rank{rank}.json").write_text(json.dumps(peaks))
@@ -92,6 +94,7 @@ def run(ranks: list[int], prune_args: list[str], threads: int, work: Path) -> li
         plan = json.loads((out / "structprune_plan.json").read_text())
         row = {"ranks": k, "omp_threads_per_rank": max(1, threads // k), "wall_seconds": wall,
                "prune_seconds": plan["timing"]["prune_seconds"],
+               "cpu_seconds_per_rank": [r["cpu_seconds"] for r in per_rank],
                "host_peak_rss_gib_per_rank": [r["host_peak_rss_bytes"] / 2**30 for r in per_rank],
                "cuda_peak_gib_per_rank": [None if r["cuda_peak_bytes"] is None else r["cuda_peak_bytes"] / 2**30
                                           for r in per_rank],
@@ -132,7 +135,8 @@ def main() -> int:
     result = {"protocol": {"command": prune_args, "ranks": args.ranks, "threads": args.threads,
                            "host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                            "note": "wall_seconds: torchrun launch to exit (model and text loading included on "
-                                   "every rank); prune_seconds: rank 0's prune_model time"},
+                                   "every rank); prune_seconds: rank 0's prune_model time; cpu_seconds: each "
+                                   "rank's user + system CPU time (robust to a shared machine)"},
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
