@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+PLAN = "structprune_plan.json"  # io.PLAN_NAME (not imported: the driver runs before any rank)
+
 
 def _worker(folder: str, argv: list[str]) -> int:
     """One torchrun rank: the CLI, then this process's peaks to FOLDER/rank<R>.json."""
@@ -91,7 +93,7 @@ def run(ranks: list[int], prune_args: list[str], threads: int, work: Path) -> li
         if proc.returncode != 0:
             raise SystemExit(f"{k} rank(s) failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         per_rank = sorted((json.loads(p.read_text()) for p in folder.glob("rank*.json")), key=lambda r: r["rank"])
-        plan = json.loads((out / "structprune_plan.json").read_text())
+        plan = json.loads((out / PLAN).read_text())
         row = {"ranks": k, "omp_threads_per_rank": max(1, threads // k), "wall_seconds": wall,
                "prune_seconds": plan["timing"]["prune_seconds"],
                "cpu_seconds_per_rank": [r["cpu_seconds"] for r in per_rank],
@@ -103,7 +105,7 @@ def run(ranks: list[int], prune_args: list[str], threads: int, work: Path) -> li
             base_out, base = out, row
         row["wall_ratio_to_1_rank"] = wall / base["wall_seconds"]
         row["prune_ratio_to_1_rank"] = row["prune_seconds"] / base["prune_seconds"]
-        row["plan_identical_to_first"] = _kept(out / "structprune_plan.json") == _kept(base_out / "structprune_plan.json")
+        row["plan_identical_to_first"] = _kept(out / PLAN) == _kept(base_out / PLAN)
         row["max_abs_weight_diff_to_first"] = _max_weight_diff(out, base_out)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -276,3 +276,10 @@ def test_split_covers_every_window_once():
             assert parts[0][0] == 0 and parts[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
             assert max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
+
+
+def test_one_fixed_gpu_for_every_rank_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="cuda:LOCAL_RANK"):
+        distributed.init_from_env("cuda:0")
+    assert not distributed.active()

@@ -71,6 +71,9 @@ def init_from_env(device: str = "auto") -> bool:
         return False
     if dist.is_initialized():
         return True
+    if device.startswith("cuda:"):
+        raise ValueError(f"device={device!r} would put every rank on one GPU; under torchrun use --device cuda "
+                         "(or auto): each rank runs on cuda:LOCAL_RANK")
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {var} is not set; launch with torchrun")
