@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .config import PruneConfig
 from .data import calibration_windows, eval_windows, held_back_count, load_text, split_windows, tokenize
 from .evaluate import perplexity
@@ -62,6 +63,7 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
     """
     config = config or PruneConfig()
     resolve_device(config.device)  # fail fast on a missing device
+    distributed.check_supported(config)  # under torchrun: refuse what does not run sharded yet
     if isinstance(model_or_path, str):
         from .preflight import check_context, check_model_spec, check_tokenizer
 

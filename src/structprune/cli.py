@@ -106,11 +106,12 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
     import torch
 
-    from . import api, io, preflight
+    from . import api, distributed, io, preflight
     from .loading import load_model, open_for_pruning
     from .streaming import resolve_device
 
     config = _config(args)
+    evaluate = evaluate and distributed.rank() == 0  # under torchrun rank 0 evaluates; the others only prune
     if args.out is None:
         raise ValueError("--out is required: the folder to write the pruned model to")
     preflight.before_prune(args, config)  # everything checkable before loading (preflight.py)
@@ -131,7 +132,8 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         del dense
     # Layer-wise runs write each layer to the output as soon as it is pruned (and, unless the
     # pruned model is evaluated afterwards, free it); the folder appears atomically at the end.
-    sink = (io.ShardWriter(args.out, args.overwrite, release=not evaluate, resume=args.resume)
+    sink = (distributed.rank_sink(lambda: io.ShardWriter(args.out, args.overwrite, release=not evaluate,
+                                                         resume=args.resume))  # torchrun: rank 0 writes
             if config.scope == "layer" else None)
     try:
         t0 = time.perf_counter()
@@ -151,6 +153,8 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         if sink is not None:
             sink.abort()
         raise
+    if distributed.rank() != 0:
+        return 0
     plan = result.plan
     rows = [
         ("model", args.model),
@@ -404,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
 
     restore_signals = interrupts.install()  # SIGINT / SIGTERM: a clean exit, finished layers kept
     try:
+        if args.command in ("prune", "demo"):
+            from . import distributed
+
+            if distributed.init_from_env(args.device) and distributed.rank() != 0:  # launched by torchrun
+                args.no_progress = True
+                logging.getLogger("structprune").setLevel(logging.WARNING)  # rank 0 tells the story
         if args.command == "prune":
             return cmd_prune(args, evaluate=args.eval)
         if args.command == "demo":
@@ -429,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         return interrupts.exit_code(e)
     finally:
         restore_signals()
+        if args.command in ("prune", "demo"):
+            from . import distributed
+
+            distributed.shutdown()
     return 1
 
 

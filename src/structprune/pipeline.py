@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import sensitivity
+from . import distributed, sensitivity
 from .arch import Adapter, LayerShape, get_adapter
 from .config import PruneConfig
 from .importance import column_scores, unit_scores
@@ -217,6 +217,8 @@ class LayerPruner:
                 with torch.no_grad():
                     y = consumer(dense)(sink_p[0] if x_d is None else x_d)
                 block_out.append(y.reshape(-1, y.shape[-1]).float().cpu())
+        distributed.reduce_gram(acc)  # sharded calibration: every rank now holds the sums over all tokens
+        target = distributed.reduce_target(target)
         return acc, dense_out, (block_in, block_out), target
 
     def _refit(self, module: nn.Module, dense_module: nn.Module, stats: GramAccumulator,
@@ -480,6 +482,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     t0 = time.perf_counter()
     source = model if isinstance(model, LayerSource) else ModelSource(model)
     get_adapter(source.config)  # unsupported families fail before any work
+    distributed.check_supported(config)
     device = resolve_device(config.device)
     dtype = source.dtype
     gen = torch.Generator().manual_seed(config.seed)
@@ -513,6 +516,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     resumable = sink is not None and hasattr(sink, "resume_state")
     fingerprint = run_fingerprint(source, config, windows, holdout, masks) if resumable else ""
     resumed = sink.resume_state(fingerprint) if resumable else None
+    windows, holdout = distributed.shard_windows(windows, holdout, device_batch(config, windows.shape[1]))
 
     with calibration_mode(out):
         hidden, calls = capture_layer_inputs(out, layers, windows, device_batch(config, windows.shape[1]))
@@ -552,7 +556,8 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             if i in done:  # finished before an interruption: reload it and move both streams past it
                 bar.set_description(f"replaying layer {i}")
                 lp = done[i]
-                new_layer, xd_next, xp = _replay_layer(adapter, dense_layer(i), lp, sink.layer_path(i), prefix, xd,
+                shard = sink.layer_state(i) if hasattr(sink, "layer_state") else sink.layer_path(i)
+                new_layer, xd_next, xp = _replay_layer(adapter, dense_layer(i), lp, shard, prefix, xd,
                                                        xp, calls[i], device, dtype)
             else:
                 bar.set_description(f"pruning layer {i}")
@@ -610,7 +615,8 @@ def _replay_layer(adapter: Adapter, host_layer: nn.Module, lp: LayerPlan, path: 
     if lp.shape.intermediate_size != dense.intermediate_size:
         adapter.slice_neurons(layer, torch.tensor(lp.kept_neurons))
     head = f"{prefix}.{lp.index}."
-    layer.load_state_dict({k[len(head):]: v for k, v in load_file(str(path)).items()}, strict=True)
+    state = path if isinstance(path, dict) else load_file(str(path))  # a dict: sent by rank 0 (distributed.py)
+    layer.load_state_dict({k[len(head):]: v for k, v in state.items()}, strict=True)
     call = to_device(call, device, dtype)
     run = device_copy(layer, device, dtype)
     xp_next = [run_layer(run, x.to(device, dtype), call).float().cpu() for x in xp]

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation as alloc
+from . import distributed
 from .arch import Adapter
 from .config import PruneConfig, temperature_value
 from .importance import column_scores, unit_scores
@@ -170,7 +171,9 @@ def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list
             acc_d.add_batch(sd[0])
             nxt.append(y.float().cpu())
         xs = nxt
-        ms = torch.cat(token_ms)
+        distributed.reduce_gram(acc_o)  # sharded calibration: sums over every rank's tokens
+        distributed.reduce_gram(acc_d)
+        ms = distributed.gather_cat(torch.cat(token_ms) if token_ms else torch.zeros(0, dtype=torch.float64))
         yield i, layer, acc_o, acc_d, (float(ms.mean().sqrt()), float(ms.median().sqrt()))
         del layer
 
@@ -267,6 +270,7 @@ def holdout_nll(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, xs: l
                 logits = adapter.logits(model, x[j:j + 1].to(dtype)).float()[0, :-1]
                 nll += float(nn.functional.cross_entropy(logits, ids[j, 1:], reduction="sum"))
             count += ids[j, 1:].numel()
+    nll, count = distributed.reduce_sums(nll, count)  # sharded held-back windows: sums over every rank
     return nll / count
 
 
@@ -289,6 +293,8 @@ RHO_SEARCH_TOKENS = 16 * 512  # calibration tokens that score units for the unif
 
 def _token_prefix(hidden: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
     """The first batches of the calibration stream holding at least `tokens` tokens (all if fewer)."""
+    if distributed.active():  # this rank's part of that prefix of the whole (sharded) stream
+        return distributed.token_prefix(hidden, tokens)
     out, have = [], 0
     for x in hidden:
         if have >= tokens:
@@ -336,7 +342,7 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     if needs_holdout(config):  # layer-0 inputs of the held-back windows, shared by the rho and T searches
         if holdout is None:
             raise ValueError("rho='auto' and temperature='auto' need held-back calibration windows")
-        hold_hidden, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
+        hold_hidden = capture_layer_inputs(model, layers, holdout, config.batch_size)[0] if len(holdout) else []
     rho_auto = needs_rho_search(config)
     if rho_auto:  # choose the attention/MLP split on held-back data, equal ratios over depth
         table = []

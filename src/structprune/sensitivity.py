@@ -137,7 +137,7 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     keys = prunable_keys(config, adapter)
     sparsity = prunable_sparsity(config, adapter)
     removed = fractions(sparsity, config.max_layer_sparsity)
-    hold, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
+    hold = capture_layer_inputs(model, layers, holdout, config.batch_size)[0] if len(holdout) else []  # may be an empty shard
     curves, base = measure(config, adapter, model, dense_layer, hidden, calls, holdout, hold, keys, removed,
                            device, dtype, progress)
     kept = alloc.sensitivity_split([curves[k] for k in keys], [params[k] for k in keys], sparsity,
