@@ -50,8 +50,8 @@ def test_prune_info_eval_round_trip(tiny_folder, tmp_path, capsys):
     ("bad sparsity", ["prune", "{model}", "--sparsity", "0.97", "--out", "{out}"], "sparsity=0.97"),
     ("negative sparsity", ["prune", "{model}", "--sparsity", "-0.1", "--out", "{out}"], "sparsity=-0.1"),
     ("busy output", ["prune", "{model}", "--out", "{busy}"], "not empty"),
-    ("short calibration", ["prune", "{model}", "--out", "{out}", "--calib", "{calib}", "--seqlen", "4096"],
-     "needs at least 4097"),
+    ("short calibration", ["prune", "{model}", "--out", "{out}", "--calib", "{calib}", "--nsamples", "200",
+                           "--seqlen", "32"], "needs at least 6400"),
     ("missing device", ["prune", "{model}", "--out", "{out}", "--device", "cuda:7"], "not available"),
 ])
 def test_bad_input_clear_error_nothing_written(tiny_folder, tmp_path, capsys, case, args, message):

@@ -86,7 +86,7 @@ def test_bias_compensation_keeps_the_mean_output(family):
 
     model = tiny_model(family)
     ids = windows(8)
-    cfg = method_config("flap", sparsity=0.5, device="cpu", prune_mlp=False)
+    cfg = method_config("flap", sparsity=0.25, device="cpu", prune_mlp=False)  # attention-only: at most 0.27 (llama)
     ad = get_adapter(model.config)
     with calibration_mode(model):
         hidden, calls = capture_layer_inputs(model, ad.decoder_layers(model), ids, batch_size=8)

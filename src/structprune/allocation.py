@@ -45,7 +45,7 @@ def kind_split(params: Sequence[int], kinds: Sequence[str], sparsity: float, rho
     p_mlp = sum(p for p, k in zip(params, kinds) if k == "mlp")
     total = p_attn + p_mlp
     r_mlp = sparsity * total / (rho * p_attn + p_mlp) if (rho * p_attn + p_mlp) > 0 else 0.0
-    if r_mlp > max_sparsity or rho * r_mlp > max_sparsity:
+    if max(r_mlp, rho * r_mlp) > max_sparsity * (1 + 1e-12):  # rounding: a sparsity at the cap is reachable
         raise ValueError(f"rho={rho} needs module sparsity {max(r_mlp, rho * r_mlp):.3f} > max_sparsity="
                          f"{max_sparsity} to reach sparsity={sparsity}; raise rho or max_layer_sparsity")
     kept = [1.0 - (rho * r_mlp if k == "attn" else r_mlp) for k in kinds]

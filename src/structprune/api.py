@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .config import PruneConfig
-from .data import calibration_windows, eval_windows, load_text, tokenize
+from .data import calibration_windows, eval_windows, held_back_count, load_text, split_windows, tokenize
 from .evaluate import perplexity
 from .loading import open_for_pruning
 from .pipeline import PruneResult, prune_model
@@ -21,17 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def calibration_data(tokenizer: Any, config: PruneConfig, holdout: bool = False
-                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Calibration windows [nsamples, seqlen] from `config.calib` (the calibration split).
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """Calibration windows [nsamples - h, seqlen] from `config.calib` (the calibration split),
+    where h = data.held_back_count(nsamples, needs_holdout(config)) windows of the budget are
+    held back (nsamples // 8; at least one when the allocation searches on held-back data).
 
-    holdout=True also returns max(2, nsamples // 8) held-back windows drawn with seed + 1
-    (for the temperature search; still calibration text, never evaluation text).
+    holdout=True also returns the held-back windows [h, seqlen] (None when h = 0). Both come
+    from one draw (data.split_windows): they never share a token, and every method with the
+    same nsamples, seqlen and seed calibrates on the same windows.
     """
     ids = tokenize(tokenizer, load_text(config.calib, split="calib"))
-    windows = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
-    if not holdout:
-        return windows
-    return windows, calibration_windows(ids, max(2, config.nsamples // 8), config.seqlen, config.seed + 1)
+    windows, held = split_windows(ids, config.nsamples, config.seqlen, config.seed,
+                                  held_back_count(config.nsamples, needs_holdout(config)))
+    return (windows, held) if holdout else windows
 
 
 def finetune(model: nn.Module, tokenizer: Any, config: Any = None, progress: bool = True) -> tuple[nn.Module, dict]:
@@ -60,19 +63,24 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
     """
     config = config or PruneConfig()
     resolve_device(config.device)  # fail fast on a missing device
+    distributed.check_supported(config)  # under torchrun: refuse what does not run sharded yet
     if isinstance(model_or_path, str):
+        from .preflight import check_context, check_model_spec, check_tokenizer
+
+        check_model_spec(model_or_path)  # missing path, broken config.json or safetensors: fail before loading
         model, loaded_tok = open_for_pruning(model_or_path, config.dtype)
         tokenizer = tokenizer or loaded_tok
+        check_context(model.config, config.seqlen, "seqlen")
+        check_tokenizer(tokenizer, model.config)
     else:
         model = model_or_path
+    _check_reachable(model, config)
     if calib_windows is None:
         if tokenizer is None:
             raise ValueError("no tokenizer: the model folder has none, so pass tokenizer= or calib_windows= "
                              "(calibration text must be tokenized)")
-        if needs_holdout(config) and holdout_windows is None:
-            calib_windows, holdout_windows = calibration_data(tokenizer, config, holdout=True)
-        else:
-            calib_windows = calibration_data(tokenizer, config)
+        calib_windows, held = calibration_data(tokenizer, config, holdout=True)
+        holdout_windows = held if holdout_windows is None else holdout_windows
     if config.scope == "global":
         from .global_taylor import prune_global
         from .pipeline import clean_copy
@@ -89,6 +97,15 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
         pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows,
                                    masks=masks, sink=sink)
     return PruneResult(model=pruned, plan=plan, tokenizer=tokenizer)
+
+
+def _check_reachable(model: Any, config: PruneConfig) -> None:
+    """An unreachable sparsity fails before calibration (planning.max_sparsity); the whole-model
+    rankings (global, flap) apply no per-module cap."""
+    from .arch import get_adapter
+    from .planning import check_reachable
+
+    check_reachable(config, get_adapter(model.config))
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer: Any, data: str = "wiki", seqlen: int = 512,

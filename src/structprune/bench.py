@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .config import PruneConfig
-from .data import NAMED_TEXTS, calibration_windows, eval_windows, load_text, tokenize
+from .data import NAMED_TEXTS, eval_windows, held_back_count, load_text, split_windows, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,9 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
     adapter = get_adapter(model.config)
     calib_cfg = PruneConfig(nsamples=settings.nsamples, seqlen=settings.seqlen, calib=settings.calib)
     calib_ids = tokenize(tok, load_text(settings.calib, split="calib"))
-    calib = calibration_windows(calib_ids, settings.nsamples, settings.seqlen, calib_cfg.seed)
+    # one draw for every cell (data.split_windows): the held-back windows come from the budget
+    calib, _ = split_windows(calib_ids, settings.nsamples, settings.seqlen, calib_cfg.seed,
+                             held_back_count(settings.nsamples, False))
     evals = {t: eval_windows(tokenize(tok, load_text(t, split="eval")), settings.seqlen, settings.windows)
              for t in settings.texts}
 
@@ -261,15 +263,14 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
                             calib=settings.calib, device=settings.device, **settings.overrides)
         masks = sp.PrunePlan.load(plans / settings.plan_name(cell_key(settings.masks_from, '', s))) \
             if settings.masks_from else None
-        holdout = None
-        if needs_holdout(cfg):
-            holdout = calibration_windows(calib_ids, max(2, cfg.nsamples // 8), cfg.seqlen, cfg.seed + 1)
+        cell_calib, holdout = split_windows(calib_ids, cfg.nsamples, cfg.seqlen, cfg.seed,
+                                            held_back_count(cfg.nsamples, needs_holdout(cfg)))
         rss_before = rss_bytes()
         exact = reset_peak_rss()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        res = sp.prune(model, cfg, calib_windows=calib, progress=False, holdout_windows=holdout, masks=masks)
+        res = sp.prune(model, cfg, calib_windows=cell_calib, progress=False, holdout_windows=holdout, masks=masks)
         seconds = time.perf_counter() - t0
         memory = {"peak_rss_bytes": peak_rss_bytes(), "rss_before_bytes": rss_before,
                   "peak_rss_scope": "pruning call" if exact else "process lifetime"}

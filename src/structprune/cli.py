@@ -109,22 +109,23 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
     import torch
 
-    from . import api, io
+    from . import api, distributed, io, preflight
     from .loading import load_model, open_for_pruning
     from .streaming import resolve_device
 
     config = _config(args)
+    evaluate = evaluate and distributed.rank() == 0  # under torchrun rank 0 evaluates; the others only prune
     if args.out is None:
         raise ValueError("--out is required: the folder to write the pruned model to")
+    preflight.before_prune(args, config)  # everything checkable before loading (preflight.py)
     io.check_output_dir(args.out, args.overwrite)
     model, tok = open_for_pruning(args.model, config.dtype)
     if tok is None:
-        raise ValueError(f"{args.model} has no tokenizer files; save the model's tokenizer into that folder")
-    holdout = None
-    if api.needs_holdout(config):
-        windows, holdout = api.calibration_data(tok, config, holdout=True)
-    else:
-        windows = api.calibration_data(tok, config)
+        raise ValueError(f"{args.model} has no usable tokenizer files (missing or unreadable); save the model's "
+                         "tokenizer into that folder")
+    preflight.after_load(args, config, model, tok)
+    # one draw: calibration and held-back windows never overlap (data.split_windows)
+    windows, holdout = api.calibration_data(tok, config, holdout=True)
     dense_ppl = pruned_ppl = None
     ev = dict(data=args.data, seqlen=args.eval_seqlen, windows=args.windows, device=args.device,
               progress=not args.no_progress) if evaluate else {}
@@ -134,7 +135,8 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         del dense
     # Layer-wise runs write each layer to the output as soon as it is pruned (and, unless the
     # pruned model is evaluated afterwards, free it); the folder appears atomically at the end.
-    sink = (io.ShardWriter(args.out, args.overwrite, release=not evaluate, resume=args.resume)
+    sink = (distributed.rank_sink(lambda: io.ShardWriter(args.out, args.overwrite, release=not evaluate,
+                                                         resume=args.resume))  # torchrun: rank 0 writes
             if config.scope == "layer" else None)
     try:
         t0 = time.perf_counter()
@@ -154,6 +156,8 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
         if sink is not None:
             sink.abort()
         raise
+    if distributed.rank() != 0:
+        return 0
     plan = result.plan
     rows = [
         ("model", args.model),
@@ -174,10 +178,12 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import api
+    from . import api, preflight
     from .loading import load_model
 
+    preflight.before_eval(args.model, args.seqlen, args.windows, args.device)
     model, tok = load_model(args.model, args.dtype)
+    preflight.check_context(model.config, args.seqlen, "--seqlen")
     ppl = api.evaluate_perplexity(model, tok, data=args.data, seqlen=args.seqlen, windows=args.windows,
                                   device=args.device, progress=not args.no_progress)
     print(_table([("model", args.model), ("data", f"{args.data} (eval split)"),
@@ -188,7 +194,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import load_plan
+    from .preflight import check_info_dir
 
+    check_info_dir(args.dir)
     plan = load_plan(args.dir)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
@@ -399,7 +407,16 @@ def main(argv: list[str] | None = None) -> int:
         from .hostmem import release_freed_memory
 
         release_freed_memory()  # freed tensors go back to the OS: peak RSS tracks live tensors
+    from . import interrupts
+
+    restore_signals = interrupts.install()  # SIGINT / SIGTERM: a clean exit, finished layers kept
     try:
+        if args.command in ("prune", "demo"):
+            from . import distributed
+
+            if distributed.init_from_env(args.device) and distributed.rank() != 0:  # launched by torchrun
+                args.no_progress = True
+                logging.getLogger("structprune").setLevel(logging.WARNING)  # rank 0 tells the story
         if args.command == "prune":
             return cmd_prune(args, evaluate=args.eval)
         if args.command == "demo":
@@ -420,6 +437,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"error: {interrupts.message(e, args.command, getattr(args, 'out', None))}", file=sys.stderr)
+        return interrupts.exit_code(e)
+    finally:
+        restore_signals()
+        if args.command in ("prune", "demo"):
+            from . import distributed
+
+            distributed.shutdown()
     return 1
 
 

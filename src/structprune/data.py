@@ -92,23 +92,48 @@ def pydoc_text(split: str) -> str:
 NAMED_TEXTS = ("wiki", "pydoc")
 
 
+def _json_rows(path: Path, raw: str) -> list[Any]:
+    """The records of a .json (a list or an object of records) or .jsonl (one per line) file."""
+    if path.suffix == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); give a JSON list of records "
+                             "with a 'text' field, or a plain .txt file") from None
+        return data if isinstance(data, list) else list(data.values()) if isinstance(data, dict) else [data]
+    rows = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not JSON ({e.msg}); every line of a .jsonl file must be one "
+                                 "JSON record with a 'text' field") from None
+    return rows
+
+
 def _file_text(path: Path) -> str:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raw = "\x00"
+    if "\x00" in raw:
+        raise ValueError(f"{path} is not UTF-8 text (a binary file?); give a plain-text .txt file or a .jsonl file "
+                         "with a 'text' field per line")
     if path.suffix in (".jsonl", ".json"):
         texts = []
-        with open(path, encoding="utf-8") as f:
-            if path.suffix == ".json":
-                data = json.load(f)
-                rows = data if isinstance(data, list) else list(data.values())
-            else:
-                rows = [json.loads(line) for line in f if line.strip()]
-        for row in rows:
+        for n, row in enumerate(_json_rows(path, raw), 1):
             text = row.get("text") if isinstance(row, dict) else row
             if not isinstance(text, str):
-                raise ValueError(f"{path}: every record needs a string 'text' field (got {type(text).__name__})")
+                what = (f"has no 'text' field (its keys: {', '.join(map(str, row))})" if text is None
+                        else f"has a {type(text).__name__} where the 'text' string should be")
+                raise ValueError(f"{path}: record {n} {what}; every record needs a string 'text' field")
             if text.strip():
                 texts.append(text.strip())
-        return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise ValueError(f"{path} holds no text; give a file with the text to calibrate (or evaluate) on")
+    return raw
 
 
 _DATASETS = {
@@ -189,3 +214,40 @@ def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None) -> torch.T
     if n < 1 or available < n:
         _need(n, seqlen, ids.numel(), "evaluation")
     return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def held_back_count(nsamples: int, needs_holdout: bool) -> int:
+    """How many of the `nsamples` calibration windows are held back for the allocation searches
+    (rho, temperature, sensitivity): nsamples // 8, and at least one when the configuration
+    searches on held-back data and there are two windows or more to split."""
+    n = nsamples // 8
+    return max(n, 1) if needs_holdout and nsamples >= 2 else n
+
+
+def split_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, n_holdout: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Calibration and held-back windows, disjoint by construction, from one seeded draw.
+
+    The token stream is cut into `ids.numel() // seqlen` non-overlapping slots of `seqlen`
+    tokens, after a seeded shift in [0, ids.numel() mod seqlen]; a seeded permutation picks
+    `nsamples` distinct slots. The first `nsamples - n_holdout` are the calibration windows
+    [nsamples - n_holdout, seqlen], the last `n_holdout` the held-back ones [n_holdout, seqlen]
+    (None when 0). No token position is in two windows, so the held-back windows never
+    overlap the calibration ones, and every method that holds back the same count
+    calibrates on exactly the same windows.
+    """
+    if not 0 <= n_holdout < nsamples:
+        raise ValueError(f"n_holdout={n_holdout} is invalid: hold back fewer than the {nsamples} windows drawn")
+    total = ids.numel()
+    slots = total // seqlen
+    if slots < nsamples:
+        raise ValueError(
+            f"calibration text has {total} tokens, too short for {nsamples} windows of {seqlen} tokens "
+            f"(needs at least {nsamples * seqlen}: windows never share a token, held-back ones included); "
+            "use a longer text or lower --nsamples/--seqlen")
+    gen = torch.Generator().manual_seed(seed)
+    shift = int(torch.randint(0, total - slots * seqlen + 1, (1,), generator=gen))
+    picked = torch.randperm(slots, generator=gen)[:nsamples]
+    windows = torch.stack([ids[shift + s * seqlen: shift + (s + 1) * seqlen] for s in picked.tolist()])
+    n_calib = nsamples - n_holdout
+    return windows[:n_calib], (windows[n_calib:] if n_holdout else None)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import distributed
 from .arch import Adapter, get_adapter
 from .config import PruneConfig
 from .global_taylor import global_selection
@@ -164,6 +165,7 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     hd = adapter.head_dim
     dense_params = decoder_params(adapter)
 
+    windows, _ = distributed.shard_windows(windows, None, config.batch_size)  # torchrun: this rank's windows
     with calibration_mode(out):
         hidden, calls = capture_layer_inputs(out, layers, windows, config.batch_size)
         stats = fluctuation_pass(adapter, source, hidden, calls, config, device, dtype, progress)

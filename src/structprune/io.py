@@ -91,6 +91,9 @@ def save_pruned(model: torch.nn.Module, plan: PrunePlan, out_dir: str | Path, to
                 overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the pruned model atomically to `out_dir` (one safetensors file); returns the folder."""
     out_dir = check_output_dir(out_dir, overwrite)
+    for key, t in model.state_dict().items():  # the last guard: no NaN or Inf reaches a saved weight
+        if not t.is_meta and not torch.isfinite(t).all():
+            raise FloatingPointError(f"non-finite values in {key}; refusing to write it")
     tmp = _temp_beside(out_dir)
     try:
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -240,8 +243,9 @@ class ShardWriter:
             self._save(rest, REST_NAME if REST_NAME not in self.weight_map.values() else "model-rest-2.safetensors")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
-        (self.tmp / PROGRESS_NAME).unlink(missing_ok=True)
         _write_metadata(self.tmp, model, plan, tokenizer, None)
+        # progress.json goes last: until the folder is complete a failure here keeps it for --resume
+        (self.tmp / PROGRESS_NAME).unlink(missing_ok=True)
         _commit(self.tmp, self.out_dir)
         return self.out_dir
 

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import sensitivity
-from .arch import Adapter, get_adapter
+from . import distributed, sensitivity
+from .arch import Adapter, LayerShape, get_adapter
 from .config import PruneConfig
 from .importance import column_scores, unit_scores
 from .plan import LayerPlan, PrunePlan
-from .planning import Allocation, allocate, module_params, needs_holdout
+from .planning import Allocation, allocate, check_reachable, module_params, needs_holdout
 from .reconstruct.lstsq import GramAccumulator, refit_consumer, refit_to_target
 from .selection import neuron_count, obs_select_columns, obs_unit_costs, select_heads, select_neurons
 from .source import LayerSource, ModelSource, layers_prefix, skeleton
@@ -109,7 +109,9 @@ class _Budget:
     """Turns per-module kept fractions into parameter targets. The rounding of a layer's
     attention (coarse: whole heads) is carried into the same layer's MLP (fine: neurons), and
     no further, so equal fractions give equal layer shapes (a vanilla checkpoint); never into an
-    MLP that may not be pruned (prune_mlp=False): it keeps every neuron."""
+    MLP that may not be pruned (prune_mlp=False): it keeps every neuron, and the rounding goes to
+    the next layer's attention instead (error diffusion: the whole model stays within half a head
+    of its budget, where rounding every layer the same way could miss it by half a head per layer)."""
 
     def __init__(self, keep: dict[tuple[int, str], float], params: dict[tuple[int, str], int],
                  carry_into_mlp: bool = True) -> None:
@@ -119,11 +121,33 @@ class _Budget:
         self.carry_into_mlp = carry_into_mlp
 
     def target(self, key: tuple[int, str]) -> float:
-        carry = self.carry if key[1] == "mlp" and self.carry_into_mlp else 0.0
+        carry = self.carry if (key[1] == "mlp") == self.carry_into_mlp else 0.0
         return self.keep[key] * self.params[key] + carry
 
     def spent(self, key: tuple[int, str], target: float, actual: int) -> None:
-        self.carry = target - actual if key[1] == "attn" else 0.0
+        if key[1] == "attn":
+            self.carry = target - actual
+        elif self.carry_into_mlp:
+            self.carry = 0.0
+
+
+def planned_shapes(adapter: Adapter, keep: dict[tuple[int, str], float], carry_into_mlp: bool = True
+                   ) -> list[LayerShape]:
+    """The layer shapes the kept fractions `keep` lead to under `_Budget` and the selection rules
+    (exact, except where two head layouts of equal parameter count tie: the scores break that tie)."""
+    budget = _Budget(keep, module_params(adapter), carry_into_mlp=carry_into_mlp)
+    dense = adapter.dense_shape()
+    flat = torch.zeros(dense.num_heads)
+    shapes = []
+    for i in range(adapter.num_layers):
+        target = budget.target((i, "attn"))
+        q, kv = select_heads(flat, dense.num_kv_heads, target, adapter.q_head_cost, adapter.kv_head_cost)
+        budget.spent((i, "attn"), target, q.numel() * adapter.q_head_cost + kv.numel() * adapter.kv_head_cost)
+        target = budget.target((i, "mlp"))
+        n = neuron_count(target, adapter.neuron_cost, dense.intermediate_size)
+        budget.spent((i, "mlp"), target, n * adapter.neuron_cost)
+        shapes.append(LayerShape(q.numel(), kv.numel(), n))
+    return shapes
 
 
 class LayerPruner:
@@ -193,6 +217,8 @@ class LayerPruner:
                 with torch.no_grad():
                     y = consumer(dense)(sink_p[0] if x_d is None else x_d)
                 block_out.append(y.reshape(-1, y.shape[-1]).float().cpu())
+        distributed.reduce_gram(acc)  # sharded calibration: every rank now holds the sums over all tokens
+        target = distributed.reduce_target(target)
         return acc, dense_out, (block_in, block_out), target
 
     def _refit(self, module: nn.Module, dense_module: nn.Module, stats: GramAccumulator,
@@ -456,11 +482,13 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     t0 = time.perf_counter()
     source = model if isinstance(model, LayerSource) else ModelSource(model)
     get_adapter(source.config)  # unsupported families fail before any work
+    distributed.check_supported(config)
     device = resolve_device(config.device)
     dtype = source.dtype
     gen = torch.Generator().manual_seed(config.seed)
     total_dense = source.total_params()
     out, adapter, bias_fields = open_output(source, config.bias_compensation and config.reconstruction != "none")
+    check_reachable(config, adapter)  # an unreachable sparsity fails before any work
     layers = adapter.decoder_layers(out)
     prefix = layers_prefix(out)
     dense_params = decoder_params(adapter)
@@ -488,6 +516,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     resumable = sink is not None and hasattr(sink, "resume_state")
     fingerprint = run_fingerprint(source, config, windows, holdout, masks) if resumable else ""
     resumed = sink.resume_state(fingerprint) if resumable else None
+    windows, holdout = distributed.shard_windows(windows, holdout, device_batch(config, windows.shape[1]))
 
     with calibration_mode(out):
         hidden, calls = capture_layer_inputs(out, layers, windows, device_batch(config, windows.shape[1]))
@@ -510,6 +539,9 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
         if sink is not None and sink.release and hasattr(sink, "release_rest"):
             sink.release_rest(out, prefix)  # embeddings and head: written now, not held through the loop
         budget = _Budget(allocation.keep, module_params(adapter), carry_into_mlp=config.prune_mlp)
+        # the output config for the planned shapes must save and reload: checked before the first layer
+        adapter.check_shapes([lp.shape for lp in masks.layers] if masks is not None
+                             else planned_shapes(adapter, allocation.keep, config.prune_mlp))
         if config.target == "residual" and not adapter.mlp_adds_to_residual():
             raise ValueError(f"target='residual' needs layers whose MLP output is added straight to the residual "
                              f"stream; {source.config.model_type} normalises it first. Use target='local'")
@@ -524,7 +556,8 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             if i in done:  # finished before an interruption: reload it and move both streams past it
                 bar.set_description(f"replaying layer {i}")
                 lp = done[i]
-                new_layer, xd_next, xp = _replay_layer(adapter, dense_layer(i), lp, sink.layer_path(i), prefix, xd,
+                shard = sink.layer_state(i) if hasattr(sink, "layer_state") else sink.layer_path(i)
+                new_layer, xd_next, xp = _replay_layer(adapter, dense_layer(i), lp, shard, prefix, xd,
                                                        xp, calls[i], device, dtype)
             else:
                 bar.set_description(f"pruning layer {i}")
@@ -582,7 +615,8 @@ def _replay_layer(adapter: Adapter, host_layer: nn.Module, lp: LayerPlan, path: 
     if lp.shape.intermediate_size != dense.intermediate_size:
         adapter.slice_neurons(layer, torch.tensor(lp.kept_neurons))
     head = f"{prefix}.{lp.index}."
-    layer.load_state_dict({k[len(head):]: v for k, v in load_file(str(path)).items()}, strict=True)
+    state = path if isinstance(path, dict) else load_file(str(path))  # a dict: sent by rank 0 (distributed.py)
+    layer.load_state_dict({k[len(head):]: v for k, v in state.items()}, strict=True)
     call = to_device(call, device, dtype)
     run = device_copy(layer, device, dtype)
     xp_next = [run_layer(run, x.to(device, dtype), call).float().cpu() for x in xp]

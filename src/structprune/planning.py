@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation as alloc
+from . import distributed
 from .arch import Adapter
 from .config import PruneConfig, temperature_value
 from .importance import column_scores, unit_scores
@@ -87,6 +88,61 @@ def prunable_sparsity(config: PruneConfig, adapter: Adapter) -> float:
     return s
 
 
+MODULES = ("both", "mlp", "attention")
+
+
+def config_modules(config: PruneConfig) -> str:
+    """The `modules` choice (both | mlp | attention) of a configuration."""
+    return "both" if config.prune_attention and config.prune_mlp else ("mlp" if config.prune_mlp else "attention")
+
+
+def max_sparsity(adapter: Adapter, modules: str = "both", max_layer_sparsity: float = 1.0) -> float:
+    """The largest ACTUAL decoder sparsity (fraction of decoder linear weights removed) a run can
+    reach on this model: every layer keeps at least one KV group with one query head in it and one
+    FFN neuron, modules that may not be pruned (`modules`: both | mlp | attention) keep all their
+    weights, and the allocation gives no prunable module more than `max_layer_sparsity` (with both
+    kinds the attention's rounding to whole heads is made up in the same layer's MLP, so the cap
+    bounds the two together)."""
+    if modules not in MODULES:
+        raise ValueError(f"modules={modules!r} is invalid: choose one of {MODULES}")
+    if not 0.0 < max_layer_sparsity <= 1.0:
+        raise ValueError(f"max_layer_sparsity={max_layer_sparsity!r} is invalid: must be in (0, 1]")
+    shape = adapter.dense_shape()
+    attn, mlp = adapter.attn_params(shape), adapter.mlp_params(shape)
+    floor = 1.0 - max_layer_sparsity
+    min_attn, min_mlp = adapter.q_head_cost + adapter.kv_head_cost, adapter.neuron_cost
+    if modules == "both":
+        kept = max(min_attn + min_mlp, floor * (attn + mlp))
+    elif modules == "mlp":
+        kept = attn + max(min_mlp, floor * mlp)
+    else:
+        kept = mlp + max(min_attn, floor * attn)
+    return 1.0 - kept / (attn + mlp)
+
+
+def check_reachable(config: PruneConfig, adapter: Adapter) -> None:
+    """ValueError, before any work, when config.sparsity is above `max_sparsity` for this model.
+    The whole-model rankings (scope global, allocation flap) apply no per-module cap."""
+    if config.scope == "global" or config.allocation == "flap":
+        config = config.replace(max_layer_sparsity=1.0)
+    modules = config_modules(config)
+    mlp_only_rho = (config.allocation == "uniform" and modules == "both" and config.rho != "auto"
+                    and float(config.rho) == 0.0)  # the uniform rule with rho=0 keeps every head
+    if mlp_only_rho:
+        modules = "mlp"
+    top = max_sparsity(adapter, modules, config.max_layer_sparsity)
+    if config.sparsity > top + 1e-9:
+        cap = ("" if config.max_layer_sparsity >= 1.0 else
+               f" and no module loses more than max_layer_sparsity={config.max_layer_sparsity:g} of its weights")
+        raise ValueError(
+            f"sparsity={config.sparsity:g} cannot be reached on this {adapter.config.model_type} model: with "
+            f"modules={modules}{' (rho=0)' if mlp_only_rho else ''} at most {top:.4f} of its decoder linear weights "
+            f"can be removed (every layer keeps one KV group with one query head and one FFN neuron{cap}, unpruned "
+            f"modules keep everything). Use --sparsity {math.floor(top * 1000 + 1e-6) / 1000:g} or less"
+            + (", or raise --max-layer-sparsity" if config.max_layer_sparsity < 1.0 else "")
+            + (", or a --rho above 0" if mlp_only_rho else ", or --modules both" if modules != "both" else ""))
+
+
 def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list[torch.Tensor],
                          calls: list[tuple], device: torch.device, dtype: torch.dtype, full: bool = False,
                          desc: str = "statistics", progress: bool = True
@@ -115,7 +171,9 @@ def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list
             acc_d.add_batch(sd[0])
             nxt.append(y.float().cpu())
         xs = nxt
-        ms = torch.cat(token_ms)
+        distributed.reduce_gram(acc_o)  # sharded calibration: sums over every rank's tokens
+        distributed.reduce_gram(acc_d)
+        ms = distributed.gather_cat(torch.cat(token_ms) if token_ms else torch.zeros(0, dtype=torch.float64))
         yield i, layer, acc_o, acc_d, (float(ms.mean().sqrt()), float(ms.median().sqrt()))
         del layer
 
@@ -212,6 +270,7 @@ def holdout_nll(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, xs: l
                 logits = adapter.logits(model, x[j:j + 1].to(dtype)).float()[0, :-1]
                 nll += float(nn.functional.cross_entropy(logits, ids[j, 1:], reduction="sum"))
             count += ids[j, 1:].numel()
+    nll, count = distributed.reduce_sums(nll, count)  # sharded held-back windows: sums over every rank
     return nll / count
 
 
@@ -234,6 +293,8 @@ RHO_SEARCH_TOKENS = 16 * 512  # calibration tokens that score units for the unif
 
 def _token_prefix(hidden: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
     """The first batches of the calibration stream holding at least `tokens` tokens (all if fewer)."""
+    if distributed.active():  # this rank's part of that prefix of the whole (sharded) stream
+        return distributed.token_prefix(hidden, tokens)
     out, have = [], 0
     for x in hidden:
         if have >= tokens:
@@ -281,7 +342,7 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     if needs_holdout(config):  # layer-0 inputs of the held-back windows, shared by the rho and T searches
         if holdout is None:
             raise ValueError("rho='auto' and temperature='auto' need held-back calibration windows")
-        hold_hidden, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
+        hold_hidden = capture_layer_inputs(model, layers, holdout, config.batch_size)[0] if len(holdout) else []
     rho_auto = needs_rho_search(config)
     if rho_auto:  # choose the attention/MLP split on held-back data, equal ratios over depth
         table = []
@@ -296,6 +357,10 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
                                dtype, config.batch_size)
             log.info("rho %.2f: held-back calibration loss %.4f", rho, loss)
             table.append((loss, rho, kept))
+        if not table:
+            raise ValueError(f"no attention/MLP split in {RHO_CANDIDATES} reaches sparsity={config.sparsity} within "
+                             f"max_layer_sparsity={config.max_layer_sparsity}; lower the sparsity or raise "
+                             "max_layer_sparsity")
         loss, rho_chosen, kept = min(table)
         info.update({"rho": rho_chosen, "rho_source": "auto", "rho_search": [[r, v] for v, r, _ in table]})
         if config.allocation == "uniform":

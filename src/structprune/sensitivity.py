@@ -139,7 +139,7 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     keys = prunable_keys(config, adapter)
     sparsity = prunable_sparsity(config, adapter)
     removed = fractions(sparsity, config.max_layer_sparsity)
-    hold, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
+    hold = capture_layer_inputs(model, layers, holdout, config.batch_size)[0] if len(holdout) else []  # may be an empty shard
     extra: dict[str, Any] = {}
     if config.sensitivity == "linear":  # second-order estimate, L-linear cost (sensitivity_linear.py)
         from . import sensitivity_linear

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .arch import Adapter
 from .config import PruneConfig
 from .planning import DenseLayer, Key, dense_consumer_stats, layer_scores
@@ -78,7 +79,8 @@ def head_gradient(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, xs:
                   dtype: torch.dtype, batch_size: int) -> tuple[list[torch.Tensor], float, int]:
     """Gradient of the summed next-token NLL of `holdout` [windows, seqlen] with respect to the
     last decoder layer's outputs `xs` (batches of `batch_size` windows); returns (gradients, one
-    float32 host tensor per batch, summed NLL, predicted tokens). The head runs on the host like
+    float32 host tensor per batch, summed NLL, predicted tokens; the two sums over every rank when
+    the held-back windows are sharded). The head runs on the host like
     `planning.holdout_nll`, one window's full-vocabulary logits at a time; no parameter gradient."""
     grads, nll, count = [], 0.0, 0
     for b, x in enumerate(xs):
@@ -94,7 +96,8 @@ def head_gradient(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, xs:
             nll += float(loss.detach())
             count += ids[j, 1:].numel()
         grads.append(g)
-    return grads, nll, count
+    nll, count = distributed.reduce_sums(nll, count)  # sharded held-back windows: sums over every rank
+    return grads, nll, int(count)
 
 
 def output_gradients(adapter: Adapter, model: nn.Module, dense_layer: DenseLayer, hold: list[torch.Tensor],
@@ -169,6 +172,7 @@ def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer
                             delta = run_layer(cand, x.to(device, dtype), call).float() - y.to(device)
                             a, b = taylor_terms(g.to(device), delta)
                             first, second = first + a, second + b
+                        first, second = distributed.reduce_sums(first, second)  # over every rank's shard
                         row.append((r, first / tokens, second / tokens))
                         del cand
                         bar.update(1)

@@ -7,6 +7,7 @@ inspects module names or model types.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from ..surgery import get_weight, head_columns, slice_cols, slice_rows
+
+log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type["Adapter"]] = {}
 
@@ -223,14 +226,58 @@ class Adapter:
             delattr(cfg, "quantization_config")
         fields = self.vanilla_fields(shapes[0]) if len(set(shapes)) == 1 else None
         if fields is not None:
+            vanilla = copy.deepcopy(cfg)
             for key, value in fields.items():
-                setattr(cfg, key, value)
+                setattr(vanilla, key, value)
+            problem = config_problem(vanilla)
+            if problem is None:
+                cfg = vanilla
+            else:  # e.g. Llama/Gemma 3 ask hidden_size % num_attention_heads == 0 even with an explicit head_dim
+                log.info("transformers rejects a plain %s config with %s (%s); the dense config with per-layer "
+                         "shapes is saved instead (load it with structprune.load_pruned)",
+                         self.config.model_type, shapes[0], problem)
+                fields = None
         cfg.structprune = {
             "version": 1,
             "vanilla": fields is not None,
             "layers": [s.to_dict() for s in shapes],
         }
         return cfg
+
+    def check_shapes(self, shapes: list[LayerShape]) -> Any:
+        """The output config for per-layer `shapes`, validated as `save_pretrained` and loading will
+        validate it; ValueError naming the layer or the rule when it cannot be saved. Cheap: run it
+        before the first layer is pruned."""
+        dense = self.dense_shape()
+        if len(shapes) != self.num_layers:
+            raise ValueError(f"{len(shapes)} layer shapes for a model of {self.num_layers} layers")
+        for i, s in enumerate(shapes):
+            ok = (1 <= s.num_kv_heads <= dense.num_kv_heads and s.num_kv_heads <= s.num_heads <= dense.num_heads
+                  and s.num_heads % s.num_kv_heads == 0
+                  and s.num_heads // s.num_kv_heads <= dense.num_heads // dense.num_kv_heads
+                  and 1 <= s.intermediate_size <= dense.intermediate_size)
+            if not ok:
+                raise ValueError(f"layer {i}: shape {s} is not a pruned form of the dense {dense} (whole KV groups, "
+                                 "the same query heads per group, at least one head and one neuron)")
+        cfg = self.shaped_config(shapes)
+        problem = config_problem(cfg)
+        if problem is not None:
+            raise ValueError(f"the pruned {self.config.model_type} config for shapes {sorted(set(shapes), key=str)} "
+                             f"would not save: {problem}")
+        return cfg
+
+
+def config_problem(cfg: Any) -> str | None:
+    """Why transformers would refuse `cfg` (the validation `save_pretrained` runs, then a rebuild
+    from its dict as loading does), or None when it is valid."""
+    try:
+        validate = getattr(cfg, "validate", None)
+        if callable(validate):
+            validate()
+        type(cfg).from_dict(cfg.to_dict())
+    except Exception as e:  # any refusal, whatever its type, makes the config unusable
+        return str(e).strip().splitlines()[-1].strip() or type(e).__name__
+    return None
 
 
 def add_zero_bias(module: nn.Module) -> None:
