@@ -178,3 +178,39 @@ def test_report_is_json(tmp_path):
     report = export_gguf(pruned_tiny("qwen2"), byte_bpe_tokenizer(), tmp_path / "q.gguf")
     data = json.loads(json.dumps(report.to_dict()))
     assert data["layers"][0] == LayerShape(2, 1, 20).to_dict()
+
+
+def test_cli_prune_then_export_runs_in_llamacpp(tmp_path, capsys):
+    from structprune.cli import main
+    from structprune.io import load_pruned
+
+    folder, out, gguf_file = tmp_path / "tiny", tmp_path / "pruned", tmp_path / "pruned.gguf"
+    tiny_model("llama").save_pretrained(folder)
+    byte_bpe_tokenizer().save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("".join(chr(33 + i) for i in torch.randint(0, 94, (4000,), generator=g).tolist()))
+    assert main(["prune", str(folder), "--sparsity", "0.3", "--out", str(out), "--calib", str(calib), "--nsamples",
+                 "8", "--seqlen", "32", "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--format", "gguf", "--out", str(gguf_file), "--dtype", "f32"]) == 0
+    stdout = capsys.readouterr().out
+    assert "llama.cpp architecture" in stdout and gguf_file.is_file()
+    model = load_pruned(out)
+    ids = [4, 8, 15, 16, 23, 42, 7, 1]
+    err = float(np.abs(llamacpp_logits(gguf_file, ids) - logits(model, torch.tensor([ids]))[0].numpy()).max())
+    assert err < ATOL
+    # an existing file is refused with a clear error, nothing changed
+    assert main(["export", str(out), "--out", str(gguf_file)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_export_word_level_tokenizer_fails_clearly(tmp_path, capsys):
+    from conftest import save_tiny_folder
+
+    from structprune.cli import main
+
+    save_tiny_folder(tmp_path / "tiny")
+    assert main(["export", str(tmp_path / "tiny"), "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "byte-level BPE" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
