@@ -68,7 +68,8 @@ def read_fields(path) -> dict:
 
 def llamacpp_logits(path, ids: list[int]) -> np.ndarray:
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(path), n_ctx=32, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=32, logits_all=True, type_k=0, type_v=0, n_threads=1,
+                          n_threads_batch=1, verbose=False)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)

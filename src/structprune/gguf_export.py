@@ -3,9 +3,9 @@
 Stock llama.cpp builds every layer with its own FFN, query-head and KV-head counts only in its
 `deci` architecture (the Llama block: RMSNorm, RoPE, SwiGLU, optional biases), so pruned models
 of the llama, mistral and qwen2 families are written as `deci` with per-layer arrays; uniform
-shapes keep their native architecture. The adapter (`arch/`) names the tensors and says which
-rows carry RoPE; this module writes the header, reorders q/k rows for llama.cpp's interleaved
-RoPE, converts the dtype and quantizes.
+llama and mistral models keep llama.cpp's `llama` architecture. The adapter (`arch/`) names the
+tensors and says which rows carry RoPE; this module writes the header, reorders q/k rows for
+llama.cpp's interleaved RoPE, converts the dtype and quantizes.
 
 Exact per-layer sizes are written (the stock converter rounds FFN sizes up to multiples of 256).
 The head size is written explicitly (`attention.key_length`), since llama.cpp otherwise derives

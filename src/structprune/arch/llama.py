@@ -11,10 +11,12 @@ from .base import Adapter, GGUFTensor, LayerShape, add_zero_bias, register
 _BIAS_SWITCHES = {"llama": ("attention_bias", "mlp_bias"), "qwen3": ("attention_bias",),
                   "gemma3_text": ("attention_bias",)}
 
-# llama.cpp: the architecture for uniform shapes, and whether it rotates interleaved pairs (NORM
-# RoPE: q/k rows reordered on export) rather than transformers' halves (NEOX). Per-layer shapes
-# go to 'deci' (NORM RoPE), the only architecture that builds every layer with its own sizes.
-_GGUF_NATIVE = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+# llama.cpp: per-layer shapes run only in 'deci', the one architecture that builds every layer with
+# its own sizes (the Llama block; it applies q/k/v/o and MLP biases when present). Uniform llama and
+# mistral models keep llama.cpp's 'llama' architecture; qwen2 always goes to 'deci' (llama.cpp's
+# 'qwen2' assumes heads x head size = hidden size and has no output or MLP biases). Both use NORM
+# RoPE (adjacent pairs): q/k rows are reordered on export.
+_GGUF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": None}
 _GGUF_PER_LAYER = "deci"
 # What llama.cpp's Llama-block architectures lack for the other families of this adapter.
 _GGUF_MISSING = {"qwen3": "per-head Q/K RMS norms (q_norm, k_norm)",
@@ -66,7 +68,7 @@ class LlamaAdapter(Adapter):
     # --- llama.cpp (GGUF) export --------------------------------------------------------------
     def gguf_arch(self, shapes: list[LayerShape]) -> str:
         mt = self.config.model_type
-        if mt not in _GGUF_NATIVE:
+        if mt not in _GGUF_FAMILIES:
             raise NotImplementedError(
                 f"GGUF export of model_type={mt!r} is not supported: llama.cpp runs per-layer head and FFN counts "
                 f"only in its 'deci' architecture (the Llama block), which has no {_GGUF_MISSING.get(mt, 'support')}; "
@@ -74,7 +76,7 @@ class LlamaAdapter(Adapter):
         if self.mlp_activation() != "silu":
             raise NotImplementedError(f"GGUF export needs a SwiGLU MLP; {mt} uses {self.mlp_activation()!r}")
         uniform = len(set(shapes)) == 1 and shapes[0].num_heads > 0
-        return _GGUF_NATIVE[mt][0] if uniform else _GGUF_PER_LAYER
+        return _GGUF_FAMILIES[mt] if uniform and _GGUF_FAMILIES[mt] else _GGUF_PER_LAYER
 
     def gguf_hparams(self) -> dict:
         cfg = self.config
@@ -92,15 +94,14 @@ class LlamaAdapter(Adapter):
                 "rope_scaling": ("linear", float(rope["factor"])) if kind == "linear" else None}
 
     def gguf_tensors(self, model: nn.Module, arch: str, attention_free: set[int]):
-        interleave = arch == _GGUF_PER_LAYER or _GGUF_NATIVE[self.config.model_type][1]
-        hd = self.head_dim
+        hd = self.head_dim  # every architecture written here uses NORM RoPE
         yield GGUFTensor("token_embd.weight", model.model.embed_tokens.weight)
         for i, layer in enumerate(self.decoder_layers(model)):
             blk = f"blk.{i}"
             if i not in attention_free:
                 yield GGUFTensor(f"{blk}.attn_norm.weight", layer.input_layernorm.weight)
                 for short, mod in zip(("q", "k", "v"), self.q_k_v(layer)):
-                    heads = mod.weight.shape[0] // hd if interleave and short != "v" else 0
+                    heads = mod.weight.shape[0] // hd if short != "v" else 0
                     yield GGUFTensor(f"{blk}.attn_{short}.weight", mod.weight, heads)
                     if mod.bias is not None:
                         yield GGUFTensor(f"{blk}.attn_{short}.bias", mod.bias, heads)
