@@ -16,22 +16,23 @@ from structprune.gguf_export import attention_free_layers, export_gguf, interlea
 
 gguf = pytest.importorskip("gguf")
 
-# transformers vs llama.cpp, float32 weights and KV cache: max |difference| of logits (values ~1-5)
-ATOL = 2e-3
+# transformers vs llama.cpp, float32 weights and KV cache: max |difference| of logits (values up to ~5;
+# measured 1e-6 to 4e-6)
+ATOL = 1e-4
 
 
 def byte_bpe_tokenizer():
-    """A real byte-level BPE tokenizer of exactly VOCAB (96) tokens: the 94 printable ASCII bytes,
-    space and newline in GPT-2's byte-to-unicode spelling, no merges."""
+    """A real byte-level BPE tokenizer of exactly VOCAB (96) tokens: 93 printable ASCII bytes (no
+    '~'), space and newline in GPT-2's byte-to-unicode spelling, and "ab" from one merge."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = [chr(b) for b in range(33, 127)] + ["\u0120", "\u010a"]  # 'Ġ' = space, 'Ċ' = newline
+    chars = [chr(b) for b in range(33, 126)] + ["\u0120", "\u010a", "ab"]  # 'Ġ' = space, 'Ċ' = newline
     assert len(chars) == VOCAB
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[("a", "b")]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="^", eos_token="~")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="^", eos_token="}")
 
 
 # (kept KV heads, kept query heads grouped by them, FFN neurons kept) per layer; dense: 2 KV, 4 q, 48
@@ -136,8 +137,10 @@ def test_uniform_llama_keeps_native_arch_and_tokenizer(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(str(out), n_ctx=32, vocab_only=True, verbose=False)
     try:
-        text = "ab c!\nx"
-        assert llm.tokenize(text.encode(), add_bos=False) == tok(text)["input_ids"]
+        text = "ab c!\nxab"
+        ids = tok(text)["input_ids"]
+        assert VOCAB - 1 in ids  # the merge applied
+        assert llm.tokenize(text.encode(), add_bos=False) == ids
     finally:
         llm.close()
 
@@ -153,8 +156,11 @@ def test_q8_0_reports_fallback_tensors(tmp_path):
     assert {f"blk.{i}.ffn_down.weight" for i in range(3)} <= set(report.fallback)
     assert report.fallback["blk.0.ffn_down.weight"] == "F16"
     ids = [5, 17, 3, 90, 44, 12]
-    err = float(np.abs(llamacpp_logits(out, ids) - logits(model, torch.tensor([ids]))[0].numpy()).max())
-    assert err < 0.1  # 8-bit weights: close, not exact
+    ref = logits(model, torch.tensor([ids]))[0].numpy()
+    err = float(np.abs(llamacpp_logits(out, ids) - ref).max())
+    # 8-bit weights (and llama.cpp's 8-bit activations in Q8_0 products) on a tiny random model: close,
+    # not exact (measured 0.13 of a logit range of 4.8)
+    assert ATOL < err < 0.1 * float(np.abs(ref).max())
 
 
 @pytest.mark.parametrize("family,what", [("qwen3", "Q/K RMS norms"), ("gemma3_text", "sandwich norms"),

@@ -69,6 +69,9 @@ def tokenizer_from_transformers(writer: Any, tok: Any, n_vocab: int, pre: str = 
             tokens.append(f"[PAD{i}]")
             token_types.append(UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    if not merges:  # llama.cpp's "gpt2" model requires the merges key; GGUF cannot store an empty array
+        raise NotImplementedError("the tokenizer has no BPE merges, which a GGUF 'gpt2' tokenizer needs; "
+                                  "pass --tokenizer-from with a GGUF file of the source model")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
