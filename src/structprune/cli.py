@@ -268,7 +268,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="render a saved quality run (JSON file or folder): Markdown table + PNG plots")
     r.add_argument("path", help="a run JSON file, or a folder of them (e.g. benchmarks/results)")
+
+    x = sub.add_parser("export", help="write a (pruned) model for another runtime: GGUF for stock llama.cpp, "
+                                      "per-layer shapes included (docs/export.md)")
+    _add_export_options(x)
+    x.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING")
     return parser
+
+
+def _add_export_options(x: argparse.ArgumentParser) -> None:
+    x.add_argument("model", help="a structprune output folder, HF folder, .gguf file or 'smollm2-135m'")
+    x.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default gguf)")
+    x.add_argument("--out", required=True, help="output file, e.g. model.gguf")
+    x.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"],
+                   help="weight type (default f16; q8_0 uses llama.cpp's quantizer when installed)")
+    x.add_argument("--tokenizer-from", default=None, metavar="GGUF",
+                   help="copy the tokenizer (vocabulary, merges, special ids, chat template) from this GGUF "
+                        "file; default: the source GGUF when MODEL is one, else the folder's tokenizer")
+    x.add_argument("--tokenizer-pre", default="default",
+                   help="llama.cpp pre-tokenizer name when the tokenizer is built from the folder (default 'default')")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .gguf_export import export_model
+
+    report = export_model(args.model, args.out, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
+                          tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite)
+    shapes = report.layers
+    print(_table([("file", report.path), ("llama.cpp architecture", report.arch),
+                  ("dtype", report.dtype + (f" ({report.quantizer})" if report.quantizer else "")),
+                  ("layers", f"{len(shapes)}; heads {sum(s['num_heads'] for s in shapes)}, FFN neurons "
+                             f"{sum(s['intermediate_size'] for s in shapes)}"),
+                  ("attention-free layers", ", ".join(map(str, report.attention_free)) or "none"),
+                  ("kept out of q8_0", f"{len(report.fallback)} tensor(s)" if report.quantizer else "-"),
+                  ("tokenizer", report.tokenizer), ("size", f"{report.size_bytes / 1e6:.1f} MB")]))
+    return 0
 
 
 def _add_finetune_options(p: argparse.ArgumentParser) -> None:
@@ -433,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_quality(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "export":
+            return cmd_export(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

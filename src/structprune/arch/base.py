@@ -37,6 +37,17 @@ class LayerShape:
         return cls(int(data["num_heads"]), int(data["num_kv_heads"]), int(data["intermediate_size"]))
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor as llama.cpp names it. `tensor` is in transformers layout ([out, in] or [n]);
+    `rope_heads` > 0 marks q/k rows (and biases) of that many heads in transformers' rotate-half
+    order, which the writer reorders into the interleaved pairs of llama.cpp's NORM RoPE."""
+
+    name: str
+    tensor: torch.Tensor
+    rope_heads: int = 0
+
+
 def register(cls: type["Adapter"]) -> type["Adapter"]:
     for name in cls.model_types:
         _REGISTRY[name] = cls
@@ -212,6 +223,25 @@ class Adapter:
             self.slice_heads(layer, keep_q, keep_kv)
         if shape.intermediate_size != dense.intermediate_size:
             self.slice_neurons(layer, torch.arange(shape.intermediate_size))
+
+    # --- llama.cpp (GGUF) export --------------------------------------------------------------
+    def gguf_arch(self, shapes: list[LayerShape]) -> str:
+        """The llama.cpp architecture that runs a model of these per-layer shapes exactly; raises
+        NotImplementedError naming what llama.cpp cannot express."""
+        raise NotImplementedError(f"GGUF export of model_type={self.config.model_type!r} is not supported: "
+                                  "llama.cpp runs per-layer head and FFN counts only in its 'deci' architecture "
+                                  "(the Llama block), and structprune has no native-architecture writer for this "
+                                  "family")
+
+    def gguf_hparams(self) -> dict[str, Any]:
+        """Family hyper-parameters for the GGUF header: rope_theta, rms_eps, context_length,
+        rope_scaling (None or (type, factor))."""
+        raise NotImplementedError
+
+    def gguf_tensors(self, model: nn.Module, arch: str, attention_free: set[int]) -> Any:
+        """Iterate GGUFTensor for every weight llama.cpp reads; layers in `attention_free` get no
+        attention tensors (written with zero heads)."""
+        raise NotImplementedError
 
     # --- configs -----------------------------------------------------------------------------
     def vanilla_fields(self, shape: LayerShape) -> dict[str, int] | None:
