@@ -181,6 +181,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import api, preflight
     from .loading import load_model
 
+    if args.tasks:  # lm-eval tasks: no perplexity text or windows to check
+        from .harness import cmd_tasks
+
+        return cmd_tasks(args)
     preflight.before_eval(args.model, args.seqlen, args.windows, args.device)
     model, tok = load_model(args.model, args.dtype)
     preflight.check_context(model.config, args.seqlen, "--seqlen")
@@ -241,10 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     _add_eval_data(d, prefix=True)
 
-    e = sub.add_parser("eval", help="perplexity of a model (PROTOCOL.md)")
+    e = sub.add_parser("eval", help="perplexity of a model (PROTOCOL.md), or lm-eval tasks with --tasks")
     e.add_argument("model")
     _add_eval_data(e, prefix=False)
     _add_common(e)
+    from .harness import add_task_options
+
+    add_task_options(e)
 
     i = sub.add_parser("info", help="what a pruned folder kept, per layer")
     i.add_argument("dir")
