@@ -77,6 +77,10 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
                         "residual stream)")
     p.add_argument("--target-mix", type=float, default=None,
                    help="target residual: its weight against the local target, in [0, 1] (default 1)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="keep a multiple of N FFN neurons in every layer (hardware-friendly shapes, e.g. 64 or "
+                        "128); heads are unaffected, and the rounding is carried over layers so the actual "
+                        "sparsity still meets --sparsity. Default 1 (no rounding)")
     p.add_argument("--out", default=None, help="output folder for the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--resume", action="store_true",
@@ -98,7 +102,8 @@ def _config(args: argparse.Namespace) -> Any:
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
         admm_sgd_steps=args.admm_sgd_steps, admm_attn_steps=args.admm_attn_steps, layer_importance=args.layer_importance,
-        chunk_tokens=args.chunk_tokens, sensitivity=getattr(args, "sensitivity", None), **kinds)
+        chunk_tokens=args.chunk_tokens, sensitivity=getattr(args, "sensitivity", None),
+        round_to=getattr(args, "round_to", None), **kinds)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
