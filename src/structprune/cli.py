@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("quality", help="methods x actual sparsity: perplexity on two texts, time, peak memory "
                                         "(resumable JSON + Markdown table)")
     add_quality_options(q)
+    from .speed import add_speed_options
+
+    add_speed_options(bsub.add_parser("speed", help="dense vs pruned prefill and decode tokens/s in transformers "
+                                                    "(interleaved, medians; ratio next to the matmul-work ratio)"))
 
     r = sub.add_parser("report", help="render a saved quality run (JSON file or folder): Markdown table + PNG plots")
     r.add_argument("path", help="a run JSON file, or a folder of them (e.g. benchmarks/results)")
@@ -441,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "finetune":
             return cmd_finetune(args)
+        if args.command == "bench" and args.bench == "speed":
+            from .speed import cmd_speed
+
+            return cmd_speed(args)
         if args.command == "bench":
             return cmd_bench_quality(args)
         if args.command == "report":
