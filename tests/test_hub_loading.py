@@ -46,6 +46,11 @@ _PLAIN = textwrap.dedent("""
                       "generated": model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False,
                                                   pad_token_id=0)}
         torch.save(result, out)
+    # save_pretrained of a remote-code model copies the modeling file: the copy loads the same way
+    model.save_pretrained("copy")
+    again = AutoModelForCausalLM.from_pretrained("copy", trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
     print("ok")
 """)
 
