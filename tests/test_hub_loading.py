@@ -147,3 +147,33 @@ def test_modeling_file_rejects_bad_shapes(bad):
     config.structprune = {"version": 1, **bad}
     with pytest.raises(ValueError, match="structprune"):
         StructpruneLlamaForCausalLM(config)
+
+
+def test_real_checkpoint_layouts_load_without_structprune(tmp_path):
+    """The shrunk real-checkpoint layouts of test_layouts (Gemma 3 with one KV group and heads x head_dim
+    != hidden, Qwen3 head_dim 128, 15 heads on 5 KV heads, ...) pruned to per-layer shapes (or to a
+    uniform shape a plain config cannot express) load with trust_remote_code alone."""
+    from test_layouts import LAYOUTS, layout_model
+
+    ids = windows(2, 16)
+    jobs, expected = [], {}
+    for name in LAYOUTS:
+        for allocation in ("uniform", "softmax"):
+            cfg = sp.PruneConfig(sparsity=0.3, nsamples=4, seqlen=16, batch_size=4, device="cpu", rho=1.0,
+                                 allocation=allocation, temperature="1x")
+            res = sp.prune(layout_model(name), cfg, calib_windows=windows(4, 16), progress=False)
+            if not res.model.config.structprune["vanilla"]:
+                break
+        assert not res.model.config.structprune["vanilla"], name
+        out = save_pruned(res.model, res.plan, tmp_path / name)
+        ref = sp.load_pruned(out)
+        with torch.no_grad():
+            expected[name] = (logits(ref, ids), ref.generate(ids[:1, :6], max_new_tokens=8, do_sample=False,
+                                                            pad_token_id=0))
+        jobs.append((str(out), str(tmp_path / f"{name}.pt")))
+    proc = _run_plain(tmp_path, jobs, ids)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    for name in LAYOUTS:
+        got = torch.load(tmp_path / f"{name}.pt")
+        torch.testing.assert_close(got["logits"], expected[name][0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got["generated"], expected[name][1]), name
