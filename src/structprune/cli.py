@@ -77,6 +77,10 @@ def _add_prune_options(p: argparse.ArgumentParser, sparsity: float = 0.3, nsampl
                         "residual stream)")
     p.add_argument("--target-mix", type=float, default=None,
                    help="target residual: its weight against the local target, in [0, 1] (default 1)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="keep a multiple of N FFN neurons in every layer (hardware-friendly shapes, e.g. 64 or "
+                        "128); heads are unaffected, and the rounding is carried over layers so the actual "
+                        "sparsity still meets --sparsity. Default 1 (no rounding)")
     p.add_argument("--out", default=None, help="output folder for the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--resume", action="store_true",
@@ -98,7 +102,8 @@ def _config(args: argparse.Namespace) -> Any:
         temperature=args.temperature, rho=args.rho, gamma=args.gamma, max_layer_sparsity=args.max_layer_sparsity,
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
         admm_sgd_steps=args.admm_sgd_steps, admm_attn_steps=args.admm_attn_steps, layer_importance=args.layer_importance,
-        chunk_tokens=args.chunk_tokens, sensitivity=getattr(args, "sensitivity", None), **kinds)
+        chunk_tokens=args.chunk_tokens, sensitivity=getattr(args, "sensitivity", None),
+        round_to=getattr(args, "round_to", None), **kinds)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -181,6 +186,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import api, preflight
     from .loading import load_model
 
+    if args.tasks:  # lm-eval tasks: no perplexity text or windows to check
+        from .harness import cmd_tasks
+
+        return cmd_tasks(args)
     preflight.before_eval(args.model, args.seqlen, args.windows, args.device)
     model, tok = load_model(args.model, args.dtype)
     preflight.check_context(model.config, args.seqlen, "--seqlen")
@@ -241,10 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     _add_eval_data(d, prefix=True)
 
-    e = sub.add_parser("eval", help="perplexity of a model (PROTOCOL.md)")
+    e = sub.add_parser("eval", help="perplexity of a model (PROTOCOL.md), or lm-eval tasks with --tasks")
     e.add_argument("model")
     _add_eval_data(e, prefix=False)
     _add_common(e)
+    from .harness import add_task_options
+
+    add_task_options(e)
 
     i = sub.add_parser("info", help="what a pruned folder kept, per layer")
     i.add_argument("dir")
@@ -265,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("quality", help="methods x actual sparsity: perplexity on two texts, time, peak memory "
                                         "(resumable JSON + Markdown table)")
     add_quality_options(q)
+    from .speed import add_speed_options
+
+    add_speed_options(bsub.add_parser("speed", help="dense vs pruned prefill and decode tokens/s in transformers "
+                                                    "(interleaved, medians; ratio next to the matmul-work ratio)"))
 
     r = sub.add_parser("report", help="render a saved quality run (JSON file or folder): Markdown table + PNG plots")
     r.add_argument("path", help="a run JSON file, or a folder of them (e.g. benchmarks/results)")
@@ -464,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "finetune":
             return cmd_finetune(args)
+        if args.command == "bench" and args.bench == "speed":
+            from .speed import cmd_speed
+
+            return cmd_speed(args)
         if args.command == "bench":
             return cmd_bench_quality(args)
         if args.command == "report":

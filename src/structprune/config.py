@@ -138,6 +138,7 @@ class PruneConfig:
     flap_square_attention: bool = True
     device: str = "auto"
     dtype: str = "float32"
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.sparsity <= MAX_SPARSITY, "sparsity", self.sparsity,
@@ -193,6 +194,11 @@ class PruneConfig:
             _check(getattr(self, name) > 0, name, getattr(self, name), "ADMM penalties must be positive")
         _check(self.chunk_tokens >= 16, "chunk_tokens", self.chunk_tokens, "must be >= 16")
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
+        _check(isinstance(self.round_to, int) and self.round_to >= 1, "round_to", self.round_to,
+               "use a whole number >= 1 (kept FFN neurons per layer a multiple of it)")
+        _check(self.round_to == 1 or (self.scope == "layer" and self.allocation != "flap"), "round_to",
+               self.round_to, "rounding kept neurons is done by the layer pipeline; not with scope 'global' "
+               "or allocation 'flap'")
 
     def replace(self, **changes: Any) -> "PruneConfig":
         return dataclasses.replace(self, **changes)

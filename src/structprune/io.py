@@ -7,6 +7,8 @@ A folder written by `save_pruned` holds:
     config.json              the family's config; `structprune.layers` lists every layer's shape,
                              and for uniform shapes the standard fields are set so plain
                              `AutoModelForCausalLM.from_pretrained` loads it ("vanilla": true)
+    modeling_structprune.py  only for per-layer shapes: `auto_map` in config.json points at it, so
+                             `from_pretrained(..., trust_remote_code=True)` loads without structprune
     structprune_plan.json    the plan (what each layer kept, scores, ratios, timings)
     allocation.png           per-layer kept fraction of heads and FFN neurons
     tokenizer files          when a tokenizer was given
@@ -52,6 +54,9 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
 def _write_metadata(tmp: Path, model: torch.nn.Module, plan: PrunePlan, tokenizer: Any,
                     extra_files: dict[str, bytes] | None) -> None:
     model.config.save_pretrained(tmp)
+    from .arch.hub import add_remote_code
+
+    add_remote_code(tmp)  # per-layer shapes: modeling file + auto_map for trust_remote_code loading
     if getattr(model, "generation_config", None) is not None:
         try:
             model.generation_config.save_pretrained(tmp)

@@ -111,17 +111,23 @@ class _Budget:
     no further, so equal fractions give equal layer shapes (a vanilla checkpoint); never into an
     MLP that may not be pruned (prune_mlp=False): it keeps every neuron, and the rounding goes to
     the next layer's attention instead (error diffusion: the whole model stays within half a head
-    of its budget, where rounding every layer the same way could miss it by half a head per layer)."""
+    of its budget, where rounding every layer the same way could miss it by half a head per layer).
+    With `carry_across_layers` (kept neurons rounded to a multiple, --round-to) an MLP's rounding
+    is carried into the next layer's MLP too, so the whole model still meets its sparsity."""
 
     def __init__(self, keep: dict[tuple[int, str], float], params: dict[tuple[int, str], int],
-                 carry_into_mlp: bool = True) -> None:
+                 carry_into_mlp: bool = True, carry_across_layers: bool = False) -> None:
         self.keep = keep
         self.params = params
         self.carry = 0.0
         self.carry_into_mlp = carry_into_mlp
+        self.mlp_carry = 0.0
+        self.carry_across_layers = carry_across_layers
 
     def target(self, key: tuple[int, str]) -> float:
         carry = self.carry if (key[1] == "mlp") == self.carry_into_mlp else 0.0
+        if key[1] == "mlp" and self.carry_across_layers:
+            carry += self.mlp_carry
         return self.keep[key] * self.params[key] + carry
 
     def spent(self, key: tuple[int, str], target: float, actual: int) -> None:
@@ -129,13 +135,21 @@ class _Budget:
             self.carry = target - actual
         elif self.carry_into_mlp:
             self.carry = 0.0
+        if key[1] == "mlp" and self.carry_across_layers:
+            self.mlp_carry = target - actual
+
+    def replayed(self, index: int, attn_actual: int, mlp_actual: int) -> None:
+        """Account for a layer finished before an interruption (resume), as if pruned now."""
+        for kind, actual in (("attn", attn_actual), ("mlp", mlp_actual)):
+            self.spent((index, kind), self.target((index, kind)), actual)
 
 
-def planned_shapes(adapter: Adapter, keep: dict[tuple[int, str], float], carry_into_mlp: bool = True
-                   ) -> list[LayerShape]:
+def planned_shapes(adapter: Adapter, keep: dict[tuple[int, str], float], carry_into_mlp: bool = True,
+                   round_to: int = 1) -> list[LayerShape]:
     """The layer shapes the kept fractions `keep` lead to under `_Budget` and the selection rules
     (exact, except where two head layouts of equal parameter count tie: the scores break that tie)."""
-    budget = _Budget(keep, module_params(adapter), carry_into_mlp=carry_into_mlp)
+    budget = _Budget(keep, module_params(adapter), carry_into_mlp=carry_into_mlp,
+                     carry_across_layers=round_to > 1 and carry_into_mlp)
     dense = adapter.dense_shape()
     flat = torch.zeros(dense.num_heads)
     shapes = []
@@ -144,7 +158,7 @@ def planned_shapes(adapter: Adapter, keep: dict[tuple[int, str], float], carry_i
         q, kv = select_heads(flat, dense.num_kv_heads, target, adapter.q_head_cost, adapter.kv_head_cost)
         budget.spent((i, "attn"), target, q.numel() * adapter.q_head_cost + kv.numel() * adapter.kv_head_cost)
         target = budget.target((i, "mlp"))
-        n = neuron_count(target, adapter.neuron_cost, dense.intermediate_size)
+        n = neuron_count(target, adapter.neuron_cost, dense.intermediate_size, round_to)
         budget.spent((i, "mlp"), target, n * adapter.neuron_cost)
         shapes.append(LayerShape(q.numel(), kv.numel(), n))
     return shapes
@@ -349,10 +363,11 @@ class LayerPruner:
         elif cfg.selection == "obs":
             down = ad.down_proj(dense)
             keep_n = obs_select_columns(get_weight(down), stats.gram,
-                                        neuron_count(target, ad.neuron_cost, shape.intermediate_size), cfg.damp,
+                                        neuron_count(target, ad.neuron_cost, shape.intermediate_size, cfg.round_to),
+                                        cfg.damp,
                                         get_bias(down))
         else:
-            keep_n = select_neurons(neuron_scores, target, ad.neuron_cost)
+            keep_n = select_neurons(neuron_scores, target, ad.neuron_cost, cfg.round_to)
         budget.spent(key, target, keep_n.numel() * ad.neuron_cost)
         if keep_n.numel() < shape.intermediate_size or residual is not None:  # residual: every layer is re-fitted
             ad.slice_neurons(pruned, keep_n)
@@ -538,10 +553,11 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
         alloc_info = {**allocation.info, "seconds": time.perf_counter() - t_alloc}
         if sink is not None and sink.release and hasattr(sink, "release_rest"):
             sink.release_rest(out, prefix)  # embeddings and head: written now, not held through the loop
-        budget = _Budget(allocation.keep, module_params(adapter), carry_into_mlp=config.prune_mlp)
+        budget = _Budget(allocation.keep, module_params(adapter), carry_into_mlp=config.prune_mlp,
+                         carry_across_layers=config.round_to > 1 and config.prune_mlp)
         # the output config for the planned shapes must save and reload: checked before the first layer
         adapter.check_shapes([lp.shape for lp in masks.layers] if masks is not None
-                             else planned_shapes(adapter, allocation.keep, config.prune_mlp))
+                             else planned_shapes(adapter, allocation.keep, config.prune_mlp, config.round_to))
         if config.target == "residual" and not adapter.mlp_adds_to_residual():
             raise ValueError(f"target='residual' needs layers whose MLP output is added straight to the residual "
                              f"stream; {source.config.model_type} normalises it first. Use target='local'")
@@ -559,6 +575,8 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
                 shard = sink.layer_state(i) if hasattr(sink, "layer_state") else sink.layer_path(i)
                 new_layer, xd_next, xp = _replay_layer(adapter, dense_layer(i), lp, shard, prefix, xd,
                                                        xp, calls[i], device, dtype)
+                budget.replayed(i, len(lp.kept_heads) * adapter.q_head_cost + len(lp.kept_kv_heads) *
+                                adapter.kv_head_cost, len(lp.kept_neurons) * adapter.neuron_cost)
             else:
                 bar.set_description(f"pruning layer {i}")
                 fixed = masks.layers[i] if masks is not None else None

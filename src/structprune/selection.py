@@ -44,15 +44,20 @@ def select_heads(
     return keep_q, keep_kv
 
 
-def select_neurons(scores: torch.Tensor, target_params: float, neuron_cost: int) -> torch.Tensor:
+def select_neurons(scores: torch.Tensor, target_params: float, neuron_cost: int, multiple: int = 1) -> torch.Tensor:
     """The top-scoring neurons whose count best meets the target; ascending indices."""
-    k = neuron_count(target_params, neuron_cost, scores.numel())
+    k = neuron_count(target_params, neuron_cost, scores.numel(), multiple)
     return scores.float().topk(k).indices.sort().values
 
 
-def neuron_count(target_params: float, neuron_cost: int, n: int) -> int:
-    """Neurons kept for a parameter target: the nearest count, at least one, at most n."""
-    return int(min(n, max(1, round(target_params / neuron_cost))))
+def neuron_count(target_params: float, neuron_cost: int, n: int, multiple: int = 1) -> int:
+    """Neurons kept for a parameter target: the nearest count, at least one, at most n; with
+    `multiple` > 1 the nearest multiple of it (at least one multiple; all n when that is nearer)."""
+    if multiple <= 1:
+        return int(min(n, max(1, round(target_params / neuron_cost))))
+    want = target_params / neuron_cost
+    k = max(multiple, multiple * round(want / multiple))
+    return int(n if k >= n or abs(n - want) <= abs(k - want) else k)
 
 
 def _damped_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
