@@ -330,16 +330,9 @@ class FollowerSink:
     def release_rest(self, model: torch.nn.Module, prefix: str) -> None:
         """Put the parameters outside the decoder layers on the meta device (ties kept), as rank 0
         does once it has written them: the layer loop does not need the embeddings or the head."""
-        meta: dict[int, torch.nn.Parameter] = {}
-        for name, module in model.named_modules():
-            if name == prefix or name.startswith(prefix + "."):
-                continue
-            for pname, p in list(module._parameters.items()):
-                if p is None or p.is_meta:
-                    continue
-                if id(p) not in meta:
-                    meta[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-                module._parameters[pname] = meta[id(p)]
+        from .io import drop_non_layer_parameters
+
+        drop_non_layer_parameters(model, prefix)
 
     def finish(self, *args: Any, **kwargs: Any) -> None:
         return None

@@ -231,16 +231,7 @@ class ShardWriter:
         if not rest:
             return
         self._save(rest, REST_NAME)
-        meta: dict[int, torch.nn.Parameter] = {}
-        for name, module in model.named_modules():
-            if name == prefix or name.startswith(prefix + "."):
-                continue
-            for pname, p in list(module._parameters.items()):
-                if p is None or p.is_meta:
-                    continue
-                if id(p) not in meta:
-                    meta[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-                module._parameters[pname] = meta[id(p)]
+        drop_non_layer_parameters(model, prefix)
 
     def finish(self, model: torch.nn.Module, plan: PrunePlan, prefix: str, tokenizer: Any = None) -> Path:
         rest = self._rest_state(model, prefix, skip=self.weight_map)
@@ -261,6 +252,21 @@ class ShardWriter:
                         "with --resume to continue", len(self.layers_written), self.tmp)
             return
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def drop_non_layer_parameters(model: torch.nn.Module, prefix: str) -> None:
+    """Put every parameter outside the decoder layers (under `prefix`) on the meta device, tied
+    parameters staying tied: frees the embeddings and head once the layer loop no longer needs them."""
+    meta: dict[int, torch.nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if name == prefix or name.startswith(prefix + "."):
+            continue
+        for pname, p in list(module._parameters.items()):
+            if p is None or p.is_meta:
+                continue
+            if id(p) not in meta:
+                meta[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            module._parameters[pname] = meta[id(p)]
 
 
 def is_pruned_folder(path: str | Path) -> bool:
