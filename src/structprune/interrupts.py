@@ -9,6 +9,7 @@ with 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as a shell would
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any, Callable
@@ -24,7 +25,14 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_OWNER = {"pid": -1}  # the process that installed the handlers
+
+
 def _raise(signum: int, frame: Any) -> None:
+    if os.getpid() != _OWNER["pid"]:  # a forked worker (multiprocessing pools of lm-eval, datasets):
+        signal.signal(signum, signal.SIG_DFL)  # it inherited the handler; let the signal end it quietly
+        os.kill(os.getpid(), signum)
+        return
     raise Interrupted(signum)
 
 
@@ -33,6 +41,7 @@ def install() -> Callable[[], None]:
     handlers. Outside the main thread (where handlers cannot be set) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    _OWNER["pid"] = os.getpid()
     old = {s: signal.signal(s, _raise) for s in SIGNALS}
 
     def restore() -> None:
