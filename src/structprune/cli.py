@@ -187,8 +187,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .loading import load_model
 
     if args.tasks:  # lm-eval tasks: no perplexity text or windows to check
-        from .harness import cmd_tasks
-
         return cmd_tasks(args)
     preflight.before_eval(args.model, args.seqlen, args.windows, args.device)
     model, tok = load_model(args.model, args.dtype)
@@ -198,6 +196,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(_table([("model", args.model), ("data", f"{args.data} (eval split)"),
                   ("windows", f"{args.windows} x {args.seqlen} tokens, {args.dtype}"),
                   ("perplexity", f"{ppl:.3f}")]))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """`eval --tasks`: lm-evaluation-harness tasks on the loaded model (harness.run_tasks), a metric table."""
+    from .bench import write_atomic
+    from .harness import run_tasks
+    from .loading import load_model
+    from .streaming import resolve_device
+
+    model, tok = load_model(args.model, args.dtype)
+    device = str(resolve_device(args.device))
+    out = run_tasks(model, tok, args.tasks, batch_size=args.lm_batch_size, limit=args.limit,
+                    num_fewshot=args.num_fewshot, device=device)
+    out = {"model": args.model, "dtype": args.dtype, "device": device, **out}
+    print("| task | metric | value |\n|---|---|---|")
+    for task, metrics in out["results"].items():
+        for name, value in metrics.items():
+            print(f"| {task} | {name} | {value:.4f} |")
+    if args.json_out:
+        path = Path(args.json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, out)
+        print(f"saved {path}")
+    return 0
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    """`bench speed`: dense vs pruned tokens/s (speed.run_speed), saved as JSON."""
+    from .bench import write_atomic
+    from .speed import default_devices, run_speed
+
+    result = run_speed(args.pruned, args.dense, list(args.batch), args.devices or default_devices(), args.seqlen,
+                       args.prompt_len, args.new_tokens, args.repeats, args.dtype)
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"speed_{Path(args.pruned).name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, result)
+    print(f"saved {out}")
     return 0
 
 
@@ -481,8 +517,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "finetune":
             return cmd_finetune(args)
         if args.command == "bench" and args.bench == "speed":
-            from .speed import cmd_speed
-
             return cmd_speed(args)
         if args.command == "bench":
             return cmd_bench_quality(args)

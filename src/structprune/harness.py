@@ -123,28 +123,6 @@ def add_task_options(p: Any) -> None:
     p.add_argument("--json-out", default=None, help="--tasks: also write the results to this JSON file")
 
 
-def cmd_tasks(args: Any) -> int:
-    """The CLI's `eval --tasks`: load MODEL like every other command and print a metric table."""
-    from .loading import load_model
-    from .streaming import resolve_device
-
-    model, tok = load_model(args.model, args.dtype)
-    device = str(resolve_device(args.device))
-    out = run_tasks(model, tok, args.tasks, batch_size=args.lm_batch_size, limit=args.limit,
-                    num_fewshot=args.num_fewshot, device=device)
-    out = {"model": args.model, "dtype": args.dtype, "device": device, **out}
-    print(f"| task | metric | value |\n|---|---|---|")
-    for task, metrics in out["results"].items():
-        for name, value in metrics.items():
-            print(f"| {task} | {name} | {value:.4f} |")
-    if args.json_out:
-        path = Path(args.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1) + "\n")
-        print(f"saved {path}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] != ["build-wiki-lastword"]:

@@ -15,11 +15,9 @@ Each speed is reported as a ratio to dense, next to the ratio of matrix-multiply
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -151,13 +149,3 @@ def add_speed_options(p: Any) -> None:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions; medians (default 5)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/speed_<folder>.json)")
-
-
-def cmd_speed(args: Any) -> int:
-    result = run_speed(args.pruned, args.dense, list(args.batch), args.devices or default_devices(), args.seqlen,
-                       args.prompt_len, args.new_tokens, args.repeats, args.dtype)
-    out = Path(args.out) if args.out else Path("benchmarks/results") / f"speed_{Path(args.pruned).name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"saved {out}")
-    return 0
