@@ -207,6 +207,8 @@ CASES = [
      "does not exist", "check the path", None),
     ("eval: missing folder (absolute)", ["eval", "{tmp}/gone", "--seqlen", "32", "--windows", "2"],
      "does not exist", "check the path", None),
+    ("eval --tasks: missing folder", ["eval", "missing/model", "--tasks", "wiki_lastword"],
+     "does not exist", "check the path", None),
     ("eval: seqlen beyond the context", ["eval", "{model}", "--data", "{calib}", "--seqlen", "4096", "--windows",
                                         "2"], "longer than the model's context of 64", "--seqlen 64 or less", None),
     ("eval: windows 0", ["eval", "{model}", "--data", "{calib}", "--seqlen", "32", "--windows", "0"],

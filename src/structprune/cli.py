@@ -201,11 +201,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     """`eval --tasks`: lm-evaluation-harness tasks on the loaded model (harness.run_tasks), a metric table."""
+    from . import preflight
     from .bench import write_atomic
     from .harness import run_tasks
     from .loading import load_model
+    from .modelfiles import check_model_spec
     from .streaming import resolve_device
 
+    preflight.check_device(args.device)
+    check_model_spec(args.model)  # a missing or broken folder is named here, not taken for a hub id
     model, tok = load_model(args.model, args.dtype)
     device = str(resolve_device(args.device))
     out = run_tasks(model, tok, args.tasks, batch_size=args.lm_batch_size, limit=args.limit,
