@@ -112,17 +112,17 @@ class _Budget:
     MLP that may not be pruned (prune_mlp=False): it keeps every neuron, and the rounding goes to
     the next layer's attention instead (error diffusion: the whole model stays within half a head
     of its budget, where rounding every layer the same way could miss it by half a head per layer).
-    With `carry_across_layers` (kept neurons rounded to a multiple, --round-to) an MLP's rounding
+    With `round_to` > 1 (kept neurons rounded to a multiple, --round-to) an MLP's rounding
     is carried into the next layer's MLP too, so the whole model still meets its sparsity."""
 
     def __init__(self, keep: dict[tuple[int, str], float], params: dict[tuple[int, str], int],
-                 carry_into_mlp: bool = True, carry_across_layers: bool = False) -> None:
+                 carry_into_mlp: bool = True, round_to: int = 1) -> None:
         self.keep = keep
         self.params = params
         self.carry = 0.0
         self.carry_into_mlp = carry_into_mlp
         self.mlp_carry = 0.0
-        self.carry_across_layers = carry_across_layers
+        self.carry_across_layers = round_to > 1 and carry_into_mlp
 
     def target(self, key: tuple[int, str]) -> float:
         carry = self.carry if (key[1] == "mlp") == self.carry_into_mlp else 0.0
@@ -148,8 +148,7 @@ def planned_shapes(adapter: Adapter, keep: dict[tuple[int, str], float], carry_i
                    round_to: int = 1) -> list[LayerShape]:
     """The layer shapes the kept fractions `keep` lead to under `_Budget` and the selection rules
     (exact, except where two head layouts of equal parameter count tie: the scores break that tie)."""
-    budget = _Budget(keep, module_params(adapter), carry_into_mlp=carry_into_mlp,
-                     carry_across_layers=round_to > 1 and carry_into_mlp)
+    budget = _Budget(keep, module_params(adapter), carry_into_mlp=carry_into_mlp, round_to=round_to)
     dense = adapter.dense_shape()
     flat = torch.zeros(dense.num_heads)
     shapes = []
@@ -554,7 +553,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
         if sink is not None and sink.release and hasattr(sink, "release_rest"):
             sink.release_rest(out, prefix)  # embeddings and head: written now, not held through the loop
         budget = _Budget(allocation.keep, module_params(adapter), carry_into_mlp=config.prune_mlp,
-                         carry_across_layers=config.round_to > 1 and config.prune_mlp)
+                         round_to=config.round_to)
         # the output config for the planned shapes must save and reload: checked before the first layer
         adapter.check_shapes([lp.shape for lp in masks.layers] if masks is not None
                              else planned_shapes(adapter, allocation.keep, config.prune_mlp, config.round_to))
