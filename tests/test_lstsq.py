@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from structprune.reconstruct.lstsq import GramAccumulator, damped_cholesky_solve, reconstruction_error, refit_consumer
+from structprune.reconstruct.lstsq import damped_cholesky_solve, reconstruction_error, refit_consumer
+from structprune.stats import GramAccumulator
 
 
 def _problem(seed: int = 0, n: int = 12, out: int = 5, tokens: int = 400):

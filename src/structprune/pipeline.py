@@ -28,9 +28,10 @@ from .config import PruneConfig
 from .importance import column_scores, unit_scores
 from .plan import LayerPlan, PrunePlan
 from .planning import Allocation, allocate, check_reachable, module_params, needs_holdout
-from .reconstruct.lstsq import GramAccumulator, refit_consumer, refit_to_target
+from .reconstruct.lstsq import refit_consumer, refit_to_target
 from .selection import neuron_count, obs_select_columns, obs_unit_costs, select_heads, select_neurons
 from .source import LayerSource, ModelSource, layers_prefix, skeleton
+from .stats import GramAccumulator
 from .streaming import (
     _StopForward,
     calibration_mode,

@@ -26,8 +26,8 @@ from . import distributed
 from .arch import Adapter
 from .config import PruneConfig, temperature_value
 from .importance import column_scores, unit_scores
-from .reconstruct.lstsq import GramAccumulator
 from .selection import select_heads, select_neurons
+from .stats import GramAccumulator
 from .streaming import (
     capture_input,
     capture_layer_inputs,

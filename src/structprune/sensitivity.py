@@ -49,7 +49,8 @@ from .planning import (
     prunable_keys,
     prunable_sparsity,
 )
-from .reconstruct.lstsq import GramAccumulator, refit_consumer
+from .reconstruct.lstsq import refit_consumer
+from .stats import GramAccumulator
 from .streaming import capture_layer_inputs, device_copy, run_layer, to_device
 from .surgery import get_bias, get_weight, head_columns, set_weight
 
