@@ -11,6 +11,7 @@ import torch
 from conftest import logits, tiny_model, windows
 
 import structprune as sp
+from structprune.linalg import damped_cholesky_solve
 from structprune.reconstruct.admm import (
     admm_mlp,
     gradient_weights,
@@ -21,7 +22,6 @@ from structprune.reconstruct.admm import (
     update_z_relu,
     update_z_smooth,
 )
-from structprune.reconstruct.lstsq import damped_cholesky_solve
 
 D_IN, D_FFN, D_OUT, T = 16, 32, 12, 256
 COMBOS = [("relu", False), ("gelu", False), ("gelu_new", False), ("gelu_pytorch_tanh", True),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from structprune.reconstruct.lstsq import damped_cholesky_solve, reconstruction_error, refit_consumer
+from structprune.linalg import damped_cholesky_solve
+from structprune.reconstruct.lstsq import reconstruction_error, refit_consumer
 from structprune.stats import GramAccumulator
 
 
@@ -162,12 +163,12 @@ def test_two_stream_refit_errors_equal_direct_errors():
 
 
 def test_solve_with_reload_matches_plain_solve_after_retries():
-    from structprune.reconstruct.lstsq import _damped_solve
+    from structprune.linalg import damped_solve
 
     a = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)  # indefinite, dead
     rhs = torch.ones(2, 3, dtype=torch.float64)
-    plain, lam = _damped_solve(a, rhs, 0.01)
-    scratch, lam2 = _damped_solve(a.clone(), rhs, 0.01, reload=a.clone)
+    plain, lam = damped_solve(a, rhs, 0.01)
+    scratch, lam2 = damped_solve(a.clone(), rhs, 0.01, reload=a.clone)
     torch.testing.assert_close(scratch, plain)
     assert lam == lam2 and lam > 0.01
     assert torch.all(plain[:, 2] == 0)
@@ -229,13 +230,13 @@ def test_release_frees_the_gram_before_the_solve_and_changes_nothing(dtype, two_
         accs.append(acc)
     ref = refit_consumer(w, b, accs[0], keep, 0.01)
     seen = []
-    solve = lstsq._damped_solve
+    solve = lstsq.damped_solve
 
     def spy(*args, **kwargs):
         seen.append(accs[1].gram.numel())
         return solve(*args, **kwargs)
 
-    monkeypatch.setattr(lstsq, "_damped_solve", spy)
+    monkeypatch.setattr(lstsq, "damped_solve", spy)
     got = refit_consumer(w, b, accs[1], keep, 0.01, release=True)
     assert seen == [0] and accs[1].released
     torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
@@ -250,13 +251,13 @@ def test_release_frees_the_gram_before_the_solve_and_changes_nothing(dtype, two_
 
 def test_retry_source_is_dropped_once_factored():
     """The retry source (the kept block) serves the retries and is let go after the factorisation."""
-    from structprune.reconstruct.lstsq import _damped_solve
+    from structprune.linalg import damped_solve
 
     a = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)  # indefinite, dead
     rhs = torch.ones(2, 3, dtype=torch.float64)
-    plain, lam = _damped_solve(a, rhs, 0.01)
+    plain, lam = damped_solve(a, rhs, 0.01)
     held = [a.float()]
-    got, lam2 = _damped_solve(held[0].double(), rhs, 0.01, reload=lambda: held[0].double(), on_factored=held.clear)
+    got, lam2 = damped_solve(held[0].double(), rhs, 0.01, reload=lambda: held[0].double(), on_factored=held.clear)
     torch.testing.assert_close(got, plain)
     assert lam2 == lam and held == []
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .linalg import damped_inverse, mask_dead
+
 log = logging.getLogger(__name__)
 
 KINDS = ("attn", "mlp")
@@ -473,21 +475,8 @@ def unit_contributions(
     w_eff = w.clone()
     if dead.any():
         w_eff[:, dead[:n]] = 0
-        g_ff[dead, :] = 0
-        g_ff[:, dead] = 0
-        g_ff[dead, dead] = 1.0
-    lam = damp * float(torch.diagonal(g_ff).mean().clamp_min(1e-12))
-    eye = torch.eye(len(free), dtype=torch.float64, device=g.device)
-    for attempt in range(5):
-        chol, info = torch.linalg.cholesky_ex(g_ff + lam * eye)
-        if int(info) == 0:
-            break
-        lam *= 10
-    else:
-        raise FloatingPointError("closed form: Gram matrix not factorisable even with 10^4 x damping")
-    if attempt:
-        log.warning("closed form needed %dx the requested damping to factorise", 10**attempt)
-    h = torch.cholesky_inverse(chol)
+        mask_dead(g_ff, dead)
+    h = damped_inverse(g_ff, damp, what="closed form", require_finite=False)[0]
     # Target weights [W, 0]: the bias cancels in R_j when it can be refitted and is absent otherwise.
     w_aug = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.float64, device=g.device)], dim=1)
     mh = w_aug @ (cr[:, f_idx] @ h)  # [out, |F|]: W~ C[:, F] H

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from structprune.reconstruct.lstsq import damped_cholesky_solve
+from ..linalg import damped_cholesky_solve
 
 log = logging.getLogger(__name__)
 

@@ -23,96 +23,13 @@ Dead columns (zero diagonal) get a unit diagonal and a zero weight.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
+from ..linalg import damped_solve
 from ..stats import GramAccumulator
 
 log = logging.getLogger(__name__)
-
-
-def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float,
-                          prior: torch.Tensor | None = None) -> torch.Tensor:
-    """Solve X (A + lambda I) = RHS + lambda * PRIOR for X, with A symmetric PSD [n, n], RHS and
-    PRIOR [m, n] (PRIOR defaults to 0: plain ridge). With a prior the damping pulls the solution
-    towards it instead of towards zero, so heavy damping degrades gracefully to the prior.
-
-    lambda = damp * mean(diag(A)); a failed factorisation grows the damping tenfold (at most
-    four times) and logs it. Dead columns of A (zero diagonal) get zero weight. Float64.
-    """
-    return _damped_solve(a, rhs, damp, prior)[0]
-
-
-def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float, prior: torch.Tensor | None = None,
-                  reload: Callable[[], torch.Tensor] | None = None,
-                  on_factored: Callable[[], None] | None = None, rows: int = 512,
-                  out: torch.Tensor | None = None, dots: list[float] | None = None) -> tuple[torch.Tensor, float]:
-    """damped_cholesky_solve, also returning the lambda finally used. Memory: A plus one [n, n]
-    factor, or with `reload` (a function that rebuilds A for a retry) only the factor: A is then
-    the caller's scratch copy and is overwritten. `on_factored` is called once the factorisation
-    succeeded (the caller may then free what `reload` reads); a non-finite solution is then
-    returned as it is (the caller falls back) instead of retried.
-
-    The right-hand side is solved `rows` rows at a time in float64 (rows are independent), each
-    block written to `out` (default: a new float64 tensor; may be `rhs` itself, any float dtype,
-    when `on_factored` is given: nothing is retried once rows are overwritten). With `dots`, the
-    float64 sums <RHS, X> and <X, X> are appended to it (taken before a block is overwritten)."""
-    if out is rhs and on_factored is None:
-        raise ValueError("solving in place (out=rhs) needs on_factored: a retry would read overwritten rows")
-    a = a.to(torch.float64)
-    prior = None if prior is None else prior.to(torch.float64)
-    dead = torch.diagonal(a) <= 0
-    if dead.any():
-        a = _undead(a if reload else a.clone(), dead)
-        if out is not rhs:
-            rhs = rhs.clone()
-        rhs[:, dead] = 0
-        if prior is not None:
-            prior = prior.clone()
-            prior[:, dead] = 0
-    scale = torch.diagonal(a).mean().clamp_min(1e-12)
-    lam = damp * scale
-    info = torch.empty((), dtype=torch.int32, device=a.device)
-    for attempt in range(5):
-        if reload is None:
-            chol = a.clone()
-        elif attempt == 0:
-            chol, a = a, None  # the caller's scratch copy becomes the factor
-        else:
-            chol = reload().to(torch.float64)
-            if dead.any():
-                _undead(chol, dead)
-        torch.diagonal(chol).add_(lam)
-        # In place and without LAPACK's column-major copy: the transposed view of the symmetric
-        # matrix is column-major, factored as upper U with A = U^T U.
-        upper = chol.mT
-        torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
-        if int(info) == 0:
-            if on_factored is not None:
-                on_factored()
-            sol = out if out is not None else torch.empty(rhs.shape, dtype=torch.float64, device=rhs.device)
-            rx = xx = 0.0
-            for i in range(0, rhs.shape[0], rows):  # X U^T U = B, one block of rows at a time
-                rb = rhs[i:i + rows].to(torch.float64)
-                b = rb if prior is None else rb + lam * prior[i:i + rows]
-                y = torch.linalg.solve_triangular(upper, b, upper=True, left=False)
-                x = torch.linalg.solve_triangular(upper.mT, y, upper=False, left=False)
-                if dots is not None:
-                    rx += float((rb * x).sum())
-                    xx += float((x * x).sum())
-                sol[i:i + rows] = x
-                del rb, b, y, x
-            if torch.isfinite(sol).all() or on_factored is not None:
-                if attempt:
-                    log.warning("least squares needed %dx the requested damping to factorise", 10**attempt)
-                if dots is not None:
-                    dots += [rx, xx]
-                return sol, float(lam)
-            del sol
-        del chol, upper
-        lam = lam * 10
-    raise FloatingPointError("least-squares solve failed even with 10^4 x damping: degenerate calibration data")
 
 
 def _wg(w: torch.Tensor, g: torch.Tensor, step: int = 1024) -> torch.Tensor:
@@ -138,14 +55,6 @@ def _augmented(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.de
     b = (torch.zeros(w.shape[0], 1, dtype=torch.float64, device=device) if bias is None
          else bias.detach().to(device=device, dtype=torch.float64)[:, None])
     return torch.cat([w, b], dim=1)
-
-
-def _undead(a: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """In place: zero the rows and columns of dead columns and put 1 on their diagonal."""
-    a[dead, :] = 0
-    a[:, dead] = 0
-    a[dead, dead] = 1.0
-    return a
 
 
 def _block_rows(a: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, step: int = 1024) -> torch.Tensor:
@@ -236,7 +145,7 @@ def _refit_single(weight: torch.Tensor, bias: torch.Tensor | None, stats: GramAc
     if release:
         stats.release()
     dots: list[float] = []
-    delta, lam = _damped_solve(held[0].to(torch.float64, copy=True), m, damp,
+    delta, lam = damped_solve(held[0].to(torch.float64, copy=True), m, damp,
                                reload=lambda: held[0].to(torch.float64, copy=True), on_factored=held.clear,
                                out=m, dots=dots)
     if not torch.isfinite(delta).all():
@@ -271,7 +180,7 @@ def _refit_two_streams(weight: torch.Tensor, bias: torch.Tensor | None, stats: G
     if release:
         stats.release()
     error_none = dense - 2 * float((rhs * sliced).sum()) + float((sliced @ g_kk * sliced).sum())
-    sol, lam = _damped_solve(g_kk, rhs, damp, prior=sliced)
+    sol, lam = damped_solve(g_kk, rhs, damp, prior=sliced)
     del g_kk
     if not torch.isfinite(sol).all():
         log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
@@ -319,7 +228,7 @@ def refit_to_target(
     if release:
         stats.release()
     error_none = energy - 2 * float((rhs * sliced).sum()) + float((sliced @ g_kk * sliced).sum())
-    sol, _ = _damped_solve(g_kk, rhs, damp, prior=sliced)
+    sol, _ = damped_solve(g_kk, rhs, damp, prior=sliced)
     if not torch.isfinite(sol).all():
         log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
         sol, error = sliced, error_none
