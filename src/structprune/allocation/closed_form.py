@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..linalg import damped_inverse, mask_dead
+from ..linalg import damped_inverse, dead_columns, mask_dead
 from .projection import check_params, meet_budget
 
 
@@ -53,10 +53,28 @@ def unit_contributions(
     G_AA^-1 G_AJ = -H_AJ H_JJ^-1, so R_j's inner products need C[:, F] H only.
     lambda = damp * mean(diag(G_FF)). Dead input columns (zero diagonal) contribute nothing.
     """
-    n = weight.shape[1]
-    m = n + 1
     g = gram.to(torch.float64)
     cr = cross.to(torch.float64)
+    cols = _checked_units(weight, g, cr, count, damp, unit_cols)
+    w = weight.detach().to(device=g.device, dtype=torch.float64)
+    w_eff, h, f_idx = _free_inverse(w, g, has_bias, damp)
+    # Target weights [W, 0]: the bias cancels in R_j when it can be refitted and is absent otherwise.
+    w_aug = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.float64, device=g.device)], dim=1)
+    mh = w_aug @ (cr[:, f_idx] @ h)  # [out, |F|]: W~ C[:, F] H
+    c2, cb = _unit_sums(cols, w_eff, g, h, mh)
+    c2 = (c2 / count).clamp_min(0)
+    cb = cb / count
+    c = c2.sqrt()
+    b = torch.where(c > 0, cb / torch.where(c > 0, c, torch.ones_like(c)), torch.zeros_like(c))
+    return c, b
+
+
+def _checked_units(weight: torch.Tensor, g: torch.Tensor, cr: torch.Tensor, count: int, damp: float,
+                   unit_cols: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """unit_contributions' arguments checked (ValueError naming the bad one); each unit's columns
+    as a flat long tensor on the host."""
+    n = weight.shape[1]
+    m = n + 1
     if g.shape != (m, m) or cr.shape != (m, m):
         raise ValueError(
             f"gram {tuple(g.shape)} and cross {tuple(cr.shape)} must be [n+1, n+1] = [{m}, {m}] for weight "
@@ -70,25 +88,33 @@ def unit_contributions(
     for j, c in enumerate(cols):
         if c.numel() == 0 or int(c.min()) < 0 or int(c.max()) >= n:
             raise ValueError(f"unit_cols[{j}]={c.tolist()!r} is invalid: need column indices in [0, {n})")
+    return cols
 
-    w = weight.detach().to(device=g.device, dtype=torch.float64)
+
+def _free_inverse(w: torch.Tensor, g: torch.Tensor, has_bias: bool, damp: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W with dead columns zeroed, H = (G_FF + lambda I)^-1, the free columns F) for W [out, n]
+    float64 and the augmented Gram g; F = every input column, plus the constant one with a bias."""
+    n = w.shape[1]
     free = list(range(n)) + ([n] if has_bias else [])
     f_idx = torch.tensor(free, dtype=torch.long, device=g.device)
     g_ff = g[f_idx][:, f_idx].clone()
-    dead = torch.diagonal(g_ff) <= 0
+    dead = dead_columns(g_ff)
     dead[n:] = False  # the constant column is never dead once count >= 1
     w_eff = w.clone()
     if dead.any():
         w_eff[:, dead[:n]] = 0
         mask_dead(g_ff, dead)
     h = damped_inverse(g_ff, damp, what="closed form", require_finite=False)[0]
-    # Target weights [W, 0]: the bias cancels in R_j when it can be refitted and is absent otherwise.
-    w_aug = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.float64, device=g.device)], dim=1)
-    mh = w_aug @ (cr[:, f_idx] @ h)  # [out, |F|]: W~ C[:, F] H
+    return w_eff, h, f_idx
 
+
+def _unit_sums(cols: list[torch.Tensor], w_eff: torch.Tensor, g: torch.Tensor, h: torch.Tensor, mh: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_tokens ||u_j||^2, sum_tokens <u_j, R_j>) per unit, batched over units of one size."""
     c2 = torch.empty(len(cols), dtype=torch.float64, device=g.device)
     cb = torch.empty(len(cols), dtype=torch.float64, device=g.device)
-    for size in sorted({len(c) for c in cols}):  # batched over units of one size
+    for size in sorted({len(c) for c in cols}):
         which = [j for j, c in enumerate(cols) if len(c) == size]
         idx = torch.stack([cols[j] for j in which]).to(g.device)  # [U, k]
         wj = w_eff[:, idx].permute(1, 2, 0)  # [U, k, out]
@@ -98,11 +124,7 @@ def unit_contributions(
         sel = torch.tensor(which, dtype=torch.long, device=g.device)
         c2[sel] = torch.einsum("uko,ukl,ulo->u", wj, g_jj, wj)
         cb[sel] = (torch.linalg.solve(h_jj, mh_j) * wj).sum(dim=(1, 2))  # H_JJ^-1 (...)
-    c2 = (c2 / count).clamp_min(0)
-    cb = cb / count
-    c = c2.sqrt()
-    b = torch.where(c > 0, cb / torch.where(c > 0, c, torch.ones_like(c)), torch.zeros_like(c))
-    return c, b
+    return c2, cb
 
 
 def closed_form_unit_scores(

@@ -103,6 +103,26 @@ def meet_budget(
     """
     p = check_params(params, len(kept))
     k = [float(x) for x in kept]
+    _check_budget_args(kept, k, sparsity, max_sparsity, min_sparsity, method)
+    lo, hi = 1.0 - max_sparsity, 1.0 - min_sparsity
+    target = (1.0 - sparsity) * math.fsum(p)
+    target = min(max(target, lo * math.fsum(p)), hi * math.fsum(p))
+    n = len(k)
+    if target <= lo * math.fsum(p) or target >= hi * math.fsum(p):  # every module at one limit
+        return [lo if target <= lo * math.fsum(p) else hi] * n
+    if method != "shift":
+        out, k = _scale(k, p, lo, hi, target, method)
+        if out is not None:
+            return out
+    out = _solve_path(k, [-1.0] * n, p, lo, hi, target, -math.inf)
+    if out is None:  # unreachable after the feasibility check, kept as a guard
+        raise ValueError(f"sparsity={sparsity!r}: could not meet the budget for kept={k!r}, params={list(params)!r}")
+    return out
+
+
+def _check_budget_args(kept: Sequence[float], k: list[float], sparsity: float, max_sparsity: float,
+                       min_sparsity: float, method: str) -> None:
+    """ValueError naming the first invalid argument of meet_budget (k: kept as floats)."""
     if not all(math.isfinite(x) for x in k):
         raise ValueError(f"kept={list(kept)!r} is invalid: proposed kept fractions must be finite")
     for name, value in (("sparsity", sparsity), ("max_sparsity", max_sparsity), ("min_sparsity", min_sparsity)):
@@ -117,30 +137,25 @@ def meet_budget(
         )
     if method not in BUDGET_METHODS:
         raise ValueError(f"method={method!r} is invalid: choose one of {BUDGET_METHODS}")
-    lo, hi = 1.0 - max_sparsity, 1.0 - min_sparsity
-    target = (1.0 - sparsity) * math.fsum(p)
-    target = min(max(target, lo * math.fsum(p)), hi * math.fsum(p))
-    n = len(k)
-    if target <= lo * math.fsum(p) or target >= hi * math.fsum(p):  # every module at one limit
-        return [lo if target <= lo * math.fsum(p) else hi] * n
 
+
+def _scale(k: list[float], p: list[float], lo: float, hi: float, target: float, method: str
+           ) -> tuple[list[float] | None, list[float]]:
+    """meet_budget's "scale" / "scale-kept" path: (the kept fractions, k) when one common factor
+    reaches the target, else (None, the saturated end point from which a common shift goes on)."""
+    n = len(k)
     if method == "scale":
         base, slope = [1.0] * n, [-max(0.0, 1.0 - x) for x in k]
-    elif method == "scale-kept":
+    else:  # "scale-kept"
         base, slope = [0.0] * n, [max(0.0, x) for x in k]
-    if method != "shift":
-        # Normalise the path speed (t is free) and drop negligible slopes, so that no
-        # breakpoint (edge - base) / slope overflows.
-        top = max(abs(x) for x in slope)
-        slope = [x / top if abs(x) > 1e-12 * top else 0.0 for x in slope] if top > 0 else slope
-        out = _solve_path(base, slope, p, lo, hi, target, 0.0)
-        if out is not None:
-            return out
-        # The scaling saturated before reaching the budget: continue with a common shift
-        # from the saturated end (a -> infinity), where its shape is as close as it gets.
-        k = [hi if s > 0.0 else lo if s < 0.0 else min(hi, max(lo, b)) for b, s in zip(base, slope)]
-        log.debug("budget: %s could not reach the target; continuing with a common shift", method)
-    out = _solve_path(k, [-1.0] * n, p, lo, hi, target, -math.inf)
-    if out is None:  # unreachable after the feasibility check, kept as a guard
-        raise ValueError(f"sparsity={sparsity!r}: could not meet the budget for kept={k!r}, params={list(params)!r}")
-    return out
+    # Normalise the path speed (t is free) and drop negligible slopes, so that no
+    # breakpoint (edge - base) / slope overflows.
+    top = max(abs(x) for x in slope)
+    slope = [x / top if abs(x) > 1e-12 * top else 0.0 for x in slope] if top > 0 else slope
+    out = _solve_path(base, slope, p, lo, hi, target, 0.0)
+    if out is not None:
+        return out, k
+    # The scaling saturated before reaching the budget: continue with a common shift
+    # from the saturated end (a -> infinity), where its shape is as close as it gets.
+    log.debug("budget: %s could not reach the target; continuing with a common shift", method)
+    return None, [hi if s > 0.0 else lo if s < 0.0 else min(hi, max(lo, b)) for b, s in zip(base, slope)]
