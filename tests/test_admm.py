@@ -12,10 +12,10 @@ from conftest import logits, tiny_model, windows
 
 import structprune as sp
 from structprune.linalg import damped_cholesky_solve
-from structprune.reconstruct.admm import (
-    admm_mlp,
+from structprune.reconstruct.activations import resolve_activation
+from structprune.reconstruct.admm import admm_mlp
+from structprune.reconstruct.admm_steps import (
     gradient_weights,
-    resolve_activation,
     solve_weights,
     update_p,
     update_up,
