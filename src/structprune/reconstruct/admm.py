@@ -263,9 +263,62 @@ def admm_mlp(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases:
     """
     _validate(x, y, producers, producer_biases, consumer, consumer_bias, keep, gated, iters, alpha, beta,
               gamma, damp, chunk_tokens, sgd_steps)
+    keep = keep.to(torch.long)
+    pb, wps0, w2_0, st = _setup(x, y, producers, producer_biases, consumer, consumer_bias, keep, act, gated,
+                                chunk_tokens)
+    k, n_tok = pb.k, x.shape[0]
+    # iterate 0: one-shot least-squares re-fit of the consumer on the kept neurons
+    net = _network_pass(pb, wps0, st, None, init=True)
+    y_sq = net["y_sq"]
+    s_y = y_sq / max(n_tok, 1)
+    good_wps = wps0
+    good_w2, good_e = _one_shot(net, w2_0, damp, n_tok)
+    pen = _penalties(net, k, len(wps0), n_tok, s_y, alpha, beta, gamma)
+    st.w2 = good_w2
+    history = [{"iter": 0, "objective": good_e, "recon_error": good_e / max(s_y, 1e-30),
+                "surrogate": pen.beta * good_e, "accepted": True}]
+    log.debug("ADMM iter 0 (one-shot lstsq): E=%.6g (relative %.4g)", good_e, history[0]["recon_error"])
+    rejected, best_iter, pdamp = 0, 0, damp
+
+    for it in range(1, iters + 1):
+        if k == 0 or good_e <= _EXACT_FIT * s_y:
+            log.debug("ADMM stops at iter %d: nothing left to reconstruct (E=%.3g)", it, good_e)
+            break
+        e, sur, why, new_wps, w2_admm, w2_net = _iteration(pb, st, pen, net, good_wps, good_w2, good_e, y_sq,
+                                                           pdamp, damp, sgd_steps)
+        accepted = why is None
+        history.append({"iter": it, "objective": e, "recon_error": e / max(s_y, 1e-30), "surrogate": sur,
+                        "accepted": accepted})
+        if accepted:
+            good_wps, good_w2, good_e, best_iter = new_wps, w2_net, e, it
+            st.w2 = w2_admm
+            log.debug("ADMM iter %d: E=%.6g (relative %.4g), surrogate %.6g", it, e, history[-1]["recon_error"], sur)
+        else:
+            rejected += 1
+            pdamp = max(pdamp, 1e-6) * 10.0
+            st.stale, st.w2 = True, good_w2
+            log.warning("ADMM iter %d rejected: %s; back to iterate %d, producer damping now %.3g",
+                        it, why, best_iter, pdamp)
+
+    ws, bs, c, cb = _unpack(good_wps, good_w2, producers, producer_biases, consumer, consumer_bias, k)
+    if not _finite(c, *ws, *(b for b in bs if b is not None), *([cb] if cb is not None else [])):
+        log.warning("ADMM result overflows the weight dtype; returning the sliced original weights")
+        ws, bs, c, cb = _unpack(wps0, w2_0, producers, producer_biases, consumer, consumer_bias, k)
+        best_iter = -1
+    e0 = history[0]["objective"]
+    log.info("ADMM MLP: %d kept neurons, E %.6g -> %.6g (%.1f%% of one-shot lstsq) at iter %d, %d step(s) rejected",
+             k, e0, good_e, 100.0 * good_e / e0 if e0 > 0 else 100.0, best_iter, rejected)
+    return AdmmResult(producers=ws, producer_biases=bs, consumer=c, consumer_bias=cb, history=history,
+                      rejected=rejected, best_iter=best_iter)
+
+
+def _setup(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases: Sequence[Tensor | None],
+           consumer: Tensor, consumer_bias: Tensor | None, keep: Tensor, act: str, gated: bool,
+           chunk_tokens: int) -> tuple[_Problem, list[Tensor], Tensor, _State]:
+    """(the problem, the sliced producers [k, d_in (+1)] and consumer [d_out, k (+1)] in float64 on
+    x's device, the empty auxiliary state [T, k]); logs the buffers' sizes."""
     name, fn, _ = resolve_activation(act)
     dev = x.device
-    keep = keep.to(torch.long)
     k, n_tok, d_in = keep.numel(), x.shape[0], x.shape[1]
 
     def augment(w: Tensor, b: Tensor | None) -> Tensor:
@@ -292,11 +345,14 @@ def admm_mlp(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases:
     st = _State(z=torch.empty(n_tok, k, dtype=state_dtype, device=dev),
                 p=torch.empty(n_tok, k, dtype=state_dtype, device=dev),
                 v=torch.empty(n_tok, k, dtype=state_dtype, device=dev) if gated else None)
+    return pb, wps0, w2_0, st
 
-    # iterate 0: one-shot least-squares re-fit of the consumer on the kept neurons
-    net = _network_pass(pb, wps0, st, None, init=True)
+
+def _one_shot(net: dict, w2_0: Tensor, damp: float, n_tok: int) -> tuple[Tensor, float]:
+    """Iterate 0: (consumer, error E) of the better of two least-squares re-fits on the true
+    hidden activations (damped towards the sliced weights, or towards zero); the sliced
+    weights w2_0 only when every re-fit failed or is not finite."""
     y_sq = net["y_sq"]
-    s_y = y_sq / max(n_tok, 1)
     candidates = [w2_0]
     for solver in (lambda: solve_weights(net["gh"], net["ch"], w2_0, damp),
                    lambda: damped_cholesky_solve(net["gh"], net["ch"], damp)):
@@ -310,67 +366,47 @@ def admm_mlp(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases:
     if not math.isfinite(errs[best_c]):
         log.warning("one-shot consumer re-fit is not finite; starting from the sliced weights")
         best_c = 0
-    good_wps, good_w2, good_e = wps0, candidates[best_c], errs[best_c]
+    return candidates[best_c], errs[best_c]
 
+
+def _penalties(net: dict, k: int, n_producers: int, n_tok: int, s_y: float, alpha: float, beta: float,
+               gamma: float) -> _Penalties:
+    """The penalties divided by the mean squared norms per token of m (u), y and h at the start."""
     floor = 1e-12 * max(s_y, 1e-30)
     s_h = float(torch.diagonal(net["gh"])[:k].sum()) / max(n_tok, 1)
-    s_m = [s / max(n_tok, 1) for s in net["s"][: len(wps0)]]
-    pen = _Penalties(alpha=alpha / max(s_m[0], floor), alpha_v=alpha / max(s_m[-1], floor),
-                     beta=beta / max(s_y, floor), gamma=gamma / max(s_h, floor))
-    st.w2 = good_w2
-    history = [{"iter": 0, "objective": good_e, "recon_error": good_e / max(s_y, 1e-30),
-                "surrogate": pen.beta * good_e, "accepted": True}]
-    log.debug("ADMM iter 0 (one-shot lstsq): E=%.6g (relative %.4g)", good_e, history[0]["recon_error"])
-    rejected, best_iter, pdamp = 0, 0, damp
+    s_m = [s / max(n_tok, 1) for s in net["s"][:n_producers]]
+    return _Penalties(alpha=alpha / max(s_m[0], floor), alpha_v=alpha / max(s_m[-1], floor),
+                      beta=beta / max(s_y, floor), gamma=gamma / max(s_h, floor))
 
-    for it in range(1, iters + 1):
-        if k == 0 or good_e <= _EXACT_FIT * s_y:
-            log.debug("ADMM stops at iter %d: nothing left to reconstruct (E=%.3g)", it, good_e)
-            break
-        e, sur, why = math.inf, math.inf, None
-        try:
-            aux = _aux_pass(pb, good_wps, st, pen)
-            new_wps = []
-            for i, (w, c) in enumerate(zip(good_wps, pb.cols)):
-                g, cr = net["gx"][:c, :c], aux["cz"][i][:, :c]
-                new_wps.append(gradient_weights(g, cr, w, pdamp, sgd_steps) if sgd_steps
-                               else solve_weights(g, cr, w, pdamp))
-            w2_admm = solve_weights(aux["gp"], aux["cp"], st.w2, damp)
-            out = _network_pass(pb, new_wps, st, pen, init=False)
-            w2_net = solve_weights(out["gh"], out["ch"], good_w2, damp)
-            if not _finite(w2_admm, w2_net, *new_wps):
-                why = "non-finite weights"
-            else:
-                e = quadratic_error(out["gh"], out["ch"], y_sq, w2_net, n_tok)
-                sur = (out["terms"] + pen.beta * n_tok * quadratic_error(aux["gp"], aux["cp"], y_sq, w2_admm, n_tok)
-                       ) / max(n_tok, 1)
-                if not (math.isfinite(e) and math.isfinite(sur)):
-                    why = "non-finite objective"
-                elif e > good_e:
-                    why = f"objective rose from {good_e:.6g} to {e:.6g}"
-        except FloatingPointError as exc:
-            why = f"solve failed ({exc})"
-        accepted = why is None
-        history.append({"iter": it, "objective": e, "recon_error": e / max(s_y, 1e-30), "surrogate": sur,
-                        "accepted": accepted})
-        if accepted:
-            good_wps, good_w2, good_e, best_iter = new_wps, w2_net, e, it
-            st.w2 = w2_admm
-            log.debug("ADMM iter %d: E=%.6g (relative %.4g), surrogate %.6g", it, e, history[-1]["recon_error"], sur)
+
+def _iteration(pb: _Problem, st: _State, pen: _Penalties, net: dict, good_wps: list[Tensor], good_w2: Tensor,
+               good_e: float, y_sq: float, pdamp: float, damp: float, sgd_steps: int
+               ) -> tuple[float, float, str | None, list[Tensor], Tensor | None, Tensor | None]:
+    """One ADMM iteration from the last good iterate: (E, surrogate L, why it is rejected or None,
+    new producers, ADMM consumer, network consumer). Updates the auxiliaries in `st`."""
+    n_tok = pb.x.shape[0]
+    e, sur, why = math.inf, math.inf, None
+    new_wps: list[Tensor] = []
+    w2_admm = w2_net = None
+    try:
+        aux = _aux_pass(pb, good_wps, st, pen)
+        for i, (w, c) in enumerate(zip(good_wps, pb.cols)):
+            g, cr = net["gx"][:c, :c], aux["cz"][i][:, :c]
+            new_wps.append(gradient_weights(g, cr, w, pdamp, sgd_steps) if sgd_steps
+                           else solve_weights(g, cr, w, pdamp))
+        w2_admm = solve_weights(aux["gp"], aux["cp"], st.w2, damp)
+        out = _network_pass(pb, new_wps, st, pen, init=False)
+        w2_net = solve_weights(out["gh"], out["ch"], good_w2, damp)
+        if not _finite(w2_admm, w2_net, *new_wps):
+            why = "non-finite weights"
         else:
-            rejected += 1
-            pdamp = max(pdamp, 1e-6) * 10.0
-            st.stale, st.w2 = True, good_w2
-            log.warning("ADMM iter %d rejected: %s; back to iterate %d, producer damping now %.3g",
-                        it, why, best_iter, pdamp)
-
-    ws, bs, c, cb = _unpack(good_wps, good_w2, producers, producer_biases, consumer, consumer_bias, k)
-    if not _finite(c, *ws, *(b for b in bs if b is not None), *([cb] if cb is not None else [])):
-        log.warning("ADMM result overflows the weight dtype; returning the sliced original weights")
-        ws, bs, c, cb = _unpack(wps0, w2_0, producers, producer_biases, consumer, consumer_bias, k)
-        best_iter = -1
-    e0 = history[0]["objective"]
-    log.info("ADMM MLP: %d kept neurons, E %.6g -> %.6g (%.1f%% of one-shot lstsq) at iter %d, %d step(s) rejected",
-             k, e0, good_e, 100.0 * good_e / e0 if e0 > 0 else 100.0, best_iter, rejected)
-    return AdmmResult(producers=ws, producer_biases=bs, consumer=c, consumer_bias=cb, history=history,
-                      rejected=rejected, best_iter=best_iter)
+            e = quadratic_error(out["gh"], out["ch"], y_sq, w2_net, n_tok)
+            sur = (out["terms"] + pen.beta * n_tok * quadratic_error(aux["gp"], aux["cp"], y_sq, w2_admm, n_tok)
+                   ) / max(n_tok, 1)
+            if not (math.isfinite(e) and math.isfinite(sur)):
+                why = "non-finite objective"
+            elif e > good_e:
+                why = f"objective rose from {good_e:.6g} to {e:.6g}"
+    except FloatingPointError as exc:
+        why = f"solve failed ({exc})"
+    return e, sur, why, new_wps, w2_admm, w2_net
