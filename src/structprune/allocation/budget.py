@@ -117,7 +117,7 @@ class Budget:
     With `round_to` > 1 (kept neurons rounded to a multiple, --round-to) an MLP's rounding
     is carried into the next layer's MLP too, so the whole model still meets its sparsity."""
 
-    def __init__(self, keep: dict[tuple[int, str], float], params: dict[tuple[int, str], int],
+    def __init__(self, keep: dict[Key, float], params: dict[Key, int],
                  carry_into_mlp: bool = True, round_to: int = 1) -> None:
         self.keep = keep
         self.params = params
@@ -126,13 +126,13 @@ class Budget:
         self.mlp_carry = 0.0
         self.carry_across_layers = round_to > 1 and carry_into_mlp
 
-    def target(self, key: tuple[int, str]) -> float:
+    def target(self, key: Key) -> float:
         carry = self.carry if (key[1] == "mlp") == self.carry_into_mlp else 0.0
         if key[1] == "mlp" and self.carry_across_layers:
             carry += self.mlp_carry
         return self.keep[key] * self.params[key] + carry
 
-    def spent(self, key: tuple[int, str], target: float, actual: int) -> None:
+    def spent(self, key: Key, target: float, actual: int) -> None:
         if key[1] == "attn":
             self.carry = target - actual
         elif self.carry_into_mlp:
@@ -146,7 +146,7 @@ class Budget:
             self.spent((index, kind), self.target((index, kind)), actual)
 
 
-def planned_shapes(adapter: Adapter, keep: dict[tuple[int, str], float], carry_into_mlp: bool = True,
+def planned_shapes(adapter: Adapter, keep: dict[Key, float], carry_into_mlp: bool = True,
                    round_to: int = 1) -> list[LayerShape]:
     """The layer shapes the kept fractions `keep` lead to under `Budget` and the selection rules
     (exact, except where two head layouts of equal parameter count tie: the scores break that tie)."""
