@@ -17,7 +17,8 @@ column when the module has a bias), the new weight is
 i.e. ridge damping towards the sliced weights W~[:, K] (not towards zero): LLM activations
 have a few huge-variance columns, so a damping scaled by the mean diagonal is large for the
 others, and shrinking those weights to zero can make the re-fit worse than no re-fit.
-Dead columns (zero diagonal) get a unit diagonal and a zero weight.
+Dead columns (zero diagonal) get a unit diagonal and a zero weight. The statistics come from
+stats.GramAccumulator; the damped Cholesky solve is linalg.damped_solve.
 """
 
 from __future__ import annotations
