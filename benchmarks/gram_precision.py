@@ -22,7 +22,8 @@ import torch
 from structprune.config import PruneConfig
 from structprune.api import calibration_data
 from structprune.loading import load_model
-from structprune.reconstruct.lstsq import GramAccumulator, refit_consumer
+from structprune.reconstruct.lstsq import refit_consumer
+from structprune.stats import GramAccumulator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -30,7 +30,7 @@ from opt_shapes import opt_config  # noqa: E402
 from structprune import sensitivity, sensitivity_linear  # noqa: E402
 from structprune.arch import get_adapter  # noqa: E402
 from structprune.config import PruneConfig  # noqa: E402
-from structprune.planning import prunable_keys, prunable_sparsity  # noqa: E402
+from structprune.allocation.budget import prunable_keys, prunable_sparsity  # noqa: E402
 from structprune.sensitivity import fractions  # noqa: E402
 from structprune.streaming import calibration_mode, capture_layer_inputs  # noqa: E402
 

@@ -30,7 +30,7 @@ from structprune.config import PruneConfig
 from structprune.data import calibration_windows, load_text, tokenize
 from structprune.loading import load_model
 from structprune.plan import PrunePlan
-from structprune.planning import module_params, prunable_keys, prunable_sparsity
+from structprune.allocation.budget import module_params, prunable_keys, prunable_sparsity
 from structprune.sensitivity import fractions
 from structprune.streaming import calibration_mode, capture_layer_inputs
 

@@ -11,17 +11,17 @@ import torch
 from conftest import logits, tiny_model, windows
 
 import structprune as sp
-from structprune.reconstruct.admm import (
-    admm_mlp,
+from structprune.linalg import damped_cholesky_solve
+from structprune.reconstruct.activations import resolve_activation
+from structprune.reconstruct.admm import admm_mlp
+from structprune.reconstruct.admm_steps import (
     gradient_weights,
-    resolve_activation,
     solve_weights,
     update_p,
     update_up,
     update_z_relu,
     update_z_smooth,
 )
-from structprune.reconstruct.lstsq import damped_cholesky_solve
 
 D_IN, D_FFN, D_OUT, T = 16, 32, 12, 256
 COMBOS = [("relu", False), ("gelu", False), ("gelu_new", False), ("gelu_pytorch_tanh", True),

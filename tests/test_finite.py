@@ -13,7 +13,7 @@ from test_layouts import layout_model
 import structprune as sp
 from structprune.arch import get_adapter
 from structprune.methods import METHODS, method_config
-from structprune.planning import max_sparsity
+from structprune.allocation.budget import max_sparsity
 
 # one shrunk real layout per family (test_layouts.py)
 FAMILY_LAYOUTS = {"gemma3_text": "gemma3-270m", "llama": "smollm2-135m", "qwen2": "qwen2.5-0.5b",

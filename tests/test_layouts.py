@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import structprune as sp
 from structprune.arch import get_adapter
 from structprune.io import save_pruned
-from structprune.planning import max_sparsity
+from structprune.allocation.budget import max_sparsity
 
 # name: (model_type, hidden, heads, kv heads, head_dim, FFN width, layers); real checkpoint in the comment
 LAYOUTS = {

@@ -166,7 +166,7 @@ def test_sensitivity_measures_a_dead_mlp_as_free_and_allocates_by_the_curves():
     (re-fit on all columns) leaves the held-back loss exactly as it was."""
     from structprune import allocation as A
     from structprune import sensitivity
-    from structprune.planning import module_params
+    from structprune.allocation.budget import module_params
     from structprune.streaming import calibration_mode, capture_layer_inputs
 
     model = tiny_model("llama")

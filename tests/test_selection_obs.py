@@ -10,7 +10,8 @@ from conftest import logits, tiny_model, windows
 
 import structprune as sp
 from structprune.config import PruneConfig
-from structprune.reconstruct.lstsq import GramAccumulator, refit_consumer
+from structprune.reconstruct.lstsq import refit_consumer
+from structprune.stats import GramAccumulator
 from structprune.selection import obs_select_columns, obs_unit_costs
 
 DAMP = 1e-8

@@ -11,7 +11,7 @@ import structprune as sp
 from structprune import allocation as A
 from structprune import sensitivity, sensitivity_linear
 from structprune.arch import get_adapter
-from structprune.planning import module_params
+from structprune.allocation.budget import module_params
 from structprune.streaming import calibration_mode, capture_layer_inputs
 
 CPU = torch.device("cpu")

@@ -103,7 +103,7 @@ def _check_reachable(model: Any, config: PruneConfig) -> None:
     """An unreachable sparsity fails before calibration (planning.max_sparsity); the whole-model
     rankings (global, flap) apply no per-module cap."""
     from .arch import get_adapter
-    from .planning import check_reachable
+    from .allocation.budget import check_reachable
 
     check_reachable(config, get_adapter(model.config))
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .reconstruct.lstsq import GramAccumulator
+from .stats import GramAccumulator
 
 Scorer = Callable[[torch.Tensor, GramAccumulator, torch.Generator], torch.Tensor]
 _SCORERS: dict[str, Scorer] = {}

@@ -23,14 +23,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, sensitivity
-from .arch import Adapter, LayerShape, get_adapter
+from .allocation.budget import Budget, check_reachable, module_params, planned_shapes
+from .arch import Adapter, get_adapter
 from .config import PruneConfig
 from .importance import column_scores, unit_scores
 from .plan import LayerPlan, PrunePlan
-from .planning import Allocation, allocate, check_reachable, module_params, needs_holdout
-from .reconstruct.lstsq import GramAccumulator, refit_consumer, refit_to_target
+from .planning import Allocation, allocate, needs_holdout
+from .reconstruct.lstsq import refit_consumer, refit_to_target
 from .selection import neuron_count, obs_select_columns, obs_unit_costs, select_heads, select_neurons
 from .source import LayerSource, ModelSource, layers_prefix, skeleton
+from .stats import GramAccumulator
 from .streaming import (
     _StopForward,
     calibration_mode,
@@ -103,64 +105,6 @@ def finish(source_config: Any, out: nn.Module, adapter: Adapter, config: PruneCo
         if not p.is_meta and not torch.isfinite(p).all():  # meta: already written (and checked) by a sink
             raise FloatingPointError(f"non-finite values in {name} after pruning; this is a bug, please report it")
     return out.eval(), plan
-
-
-class _Budget:
-    """Turns per-module kept fractions into parameter targets. The rounding of a layer's
-    attention (coarse: whole heads) is carried into the same layer's MLP (fine: neurons), and
-    no further, so equal fractions give equal layer shapes (a vanilla checkpoint); never into an
-    MLP that may not be pruned (prune_mlp=False): it keeps every neuron, and the rounding goes to
-    the next layer's attention instead (error diffusion: the whole model stays within half a head
-    of its budget, where rounding every layer the same way could miss it by half a head per layer).
-    With `round_to` > 1 (kept neurons rounded to a multiple, --round-to) an MLP's rounding
-    is carried into the next layer's MLP too, so the whole model still meets its sparsity."""
-
-    def __init__(self, keep: dict[tuple[int, str], float], params: dict[tuple[int, str], int],
-                 carry_into_mlp: bool = True, round_to: int = 1) -> None:
-        self.keep = keep
-        self.params = params
-        self.carry = 0.0
-        self.carry_into_mlp = carry_into_mlp
-        self.mlp_carry = 0.0
-        self.carry_across_layers = round_to > 1 and carry_into_mlp
-
-    def target(self, key: tuple[int, str]) -> float:
-        carry = self.carry if (key[1] == "mlp") == self.carry_into_mlp else 0.0
-        if key[1] == "mlp" and self.carry_across_layers:
-            carry += self.mlp_carry
-        return self.keep[key] * self.params[key] + carry
-
-    def spent(self, key: tuple[int, str], target: float, actual: int) -> None:
-        if key[1] == "attn":
-            self.carry = target - actual
-        elif self.carry_into_mlp:
-            self.carry = 0.0
-        if key[1] == "mlp" and self.carry_across_layers:
-            self.mlp_carry = target - actual
-
-    def replayed(self, index: int, attn_actual: int, mlp_actual: int) -> None:
-        """Account for a layer finished before an interruption (resume), as if pruned now."""
-        for kind, actual in (("attn", attn_actual), ("mlp", mlp_actual)):
-            self.spent((index, kind), self.target((index, kind)), actual)
-
-
-def planned_shapes(adapter: Adapter, keep: dict[tuple[int, str], float], carry_into_mlp: bool = True,
-                   round_to: int = 1) -> list[LayerShape]:
-    """The layer shapes the kept fractions `keep` lead to under `_Budget` and the selection rules
-    (exact, except where two head layouts of equal parameter count tie: the scores break that tie)."""
-    budget = _Budget(keep, module_params(adapter), carry_into_mlp=carry_into_mlp, round_to=round_to)
-    dense = adapter.dense_shape()
-    flat = torch.zeros(dense.num_heads)
-    shapes = []
-    for i in range(adapter.num_layers):
-        target = budget.target((i, "attn"))
-        q, kv = select_heads(flat, dense.num_kv_heads, target, adapter.q_head_cost, adapter.kv_head_cost)
-        budget.spent((i, "attn"), target, q.numel() * adapter.q_head_cost + kv.numel() * adapter.kv_head_cost)
-        target = budget.target((i, "mlp"))
-        n = neuron_count(target, adapter.neuron_cost, dense.intermediate_size, round_to)
-        budget.spent((i, "mlp"), target, n * adapter.neuron_cost)
-        shapes.append(LayerShape(q.numel(), kv.numel(), n))
-    return shapes
 
 
 class LayerPruner:
@@ -311,7 +255,7 @@ class LayerPruner:
                 "admm_best_iter": fit.best_iter, "admm_rejected": fit.rejected}
 
     def prune(self, index: int, host_layer: nn.Module, xd: list[torch.Tensor] | None, xp: list[torch.Tensor],
-              call: tuple, budget: _Budget, fixed: LayerPlan | None = None) -> tuple[nn.Module, LayerPlan, list[torch.Tensor] | None, list[torch.Tensor]]:
+              call: tuple, budget: Budget, fixed: LayerPlan | None = None) -> tuple[nn.Module, LayerPlan, list[torch.Tensor] | None, list[torch.Tensor]]:
         """Returns (pruned layer on the host, its plan, next dense stream, next pruned stream)."""
         ad, cfg = self.adapter, self.config
         call = to_device(call, self.device, self.dtype)
@@ -552,7 +496,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
         alloc_info = {**allocation.info, "seconds": time.perf_counter() - t_alloc}
         if sink is not None and sink.release and hasattr(sink, "release_rest"):
             sink.release_rest(out, prefix)  # embeddings and head: written now, not held through the loop
-        budget = _Budget(allocation.keep, module_params(adapter), carry_into_mlp=config.prune_mlp,
+        budget = Budget(allocation.keep, module_params(adapter), carry_into_mlp=config.prune_mlp,
                          round_to=config.round_to)
         # the output config for the planned shapes must save and reload: checked before the first layer
         adapter.check_shapes([lp.shape for lp in masks.layers] if masks is not None

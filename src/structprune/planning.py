@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from . import allocation as alloc
 from . import distributed
+from .allocation.budget import Key, keep_sets, module_params, prunable_keys, prunable_sparsity
 from .arch import Adapter
 from .config import PruneConfig, temperature_value
 from .importance import column_scores, unit_scores
-from .reconstruct.lstsq import GramAccumulator
-from .selection import select_heads, select_neurons
+from .stats import GramAccumulator
 from .streaming import (
     capture_input,
     capture_layer_inputs,
@@ -39,7 +39,6 @@ from .surgery import get_bias, get_weight, head_columns
 
 log = logging.getLogger(__name__)
 
-Key = tuple[int, str]
 DenseLayer = Callable[[int], nn.Module]  # dense decoder layer i on the host (read-only)
 
 
@@ -62,85 +61,6 @@ class Allocation:
 
     keep: dict[Key, float]
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def module_params(adapter: Adapter) -> dict[Key, int]:
-    shape = adapter.dense_shape()
-    return {(i, k): adapter.attn_params(shape) if k == "attn" else adapter.mlp_params(shape)
-            for i in range(adapter.num_layers) for k in ("attn", "mlp")}
-
-
-def prunable_keys(config: PruneConfig, adapter: Adapter) -> list[Key]:
-    kinds = [k for k, on in (("attn", config.prune_attention), ("mlp", config.prune_mlp)) if on]
-    return [(i, k) for i in range(adapter.num_layers) for k in kinds]
-
-
-def prunable_sparsity(config: PruneConfig, adapter: Adapter) -> float:
-    """The sparsity the prunable modules must reach so the whole decoder reaches config.sparsity."""
-    params = module_params(adapter)
-    total = sum(params.values())
-    prunable = sum(params[k] for k in prunable_keys(config, adapter))
-    s = config.sparsity * total / prunable
-    if s > 1.0:
-        raise ValueError(f"sparsity={config.sparsity} cannot be reached by pruning only "
-                         f"{'attention' if config.prune_attention else 'MLP'} modules "
-                         f"({prunable / total:.0%} of decoder weights)")
-    return s
-
-
-MODULES = ("both", "mlp", "attention")
-
-
-def config_modules(config: PruneConfig) -> str:
-    """The `modules` choice (both | mlp | attention) of a configuration."""
-    return "both" if config.prune_attention and config.prune_mlp else ("mlp" if config.prune_mlp else "attention")
-
-
-def max_sparsity(adapter: Adapter, modules: str = "both", max_layer_sparsity: float = 1.0) -> float:
-    """The largest ACTUAL decoder sparsity (fraction of decoder linear weights removed) a run can
-    reach on this model: every layer keeps at least one KV group with one query head in it and one
-    FFN neuron, modules that may not be pruned (`modules`: both | mlp | attention) keep all their
-    weights, and the allocation gives no prunable module more than `max_layer_sparsity` (with both
-    kinds the attention's rounding to whole heads is made up in the same layer's MLP, so the cap
-    bounds the two together)."""
-    if modules not in MODULES:
-        raise ValueError(f"modules={modules!r} is invalid: choose one of {MODULES}")
-    if not 0.0 < max_layer_sparsity <= 1.0:
-        raise ValueError(f"max_layer_sparsity={max_layer_sparsity!r} is invalid: must be in (0, 1]")
-    shape = adapter.dense_shape()
-    attn, mlp = adapter.attn_params(shape), adapter.mlp_params(shape)
-    floor = 1.0 - max_layer_sparsity
-    min_attn, min_mlp = adapter.q_head_cost + adapter.kv_head_cost, adapter.neuron_cost
-    if modules == "both":
-        kept = max(min_attn + min_mlp, floor * (attn + mlp))
-    elif modules == "mlp":
-        kept = attn + max(min_mlp, floor * mlp)
-    else:
-        kept = mlp + max(min_attn, floor * attn)
-    return 1.0 - kept / (attn + mlp)
-
-
-def check_reachable(config: PruneConfig, adapter: Adapter) -> None:
-    """ValueError, before any work, when config.sparsity is above `max_sparsity` for this model.
-    The whole-model rankings (scope global, allocation flap) apply no per-module cap."""
-    if config.scope == "global" or config.allocation == "flap":
-        config = config.replace(max_layer_sparsity=1.0)
-    modules = config_modules(config)
-    mlp_only_rho = (config.allocation == "uniform" and modules == "both" and config.rho != "auto"
-                    and float(config.rho) == 0.0)  # the uniform rule with rho=0 keeps every head
-    if mlp_only_rho:
-        modules = "mlp"
-    top = max_sparsity(adapter, modules, config.max_layer_sparsity)
-    if config.sparsity > top + 1e-9:
-        cap = ("" if config.max_layer_sparsity >= 1.0 else
-               f" and no module loses more than max_layer_sparsity={config.max_layer_sparsity:g} of its weights")
-        raise ValueError(
-            f"sparsity={config.sparsity:g} cannot be reached on this {adapter.config.model_type} model: with "
-            f"modules={modules}{' (rho=0)' if mlp_only_rho else ''} at most {top:.4f} of its decoder linear weights "
-            f"can be removed (every layer keeps one KV group with one query head and one FFN neuron{cap}, unpruned "
-            f"modules keep everything). Use --sparsity {math.floor(top * 1000 + 1e-6) / 1000:g} or less"
-            + (", or raise --max-layer-sparsity" if config.max_layer_sparsity < 1.0 else "")
-            + (", or a --rho above 0" if mlp_only_rho else ", or --modules both" if modules != "both" else ""))
 
 
 def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list[torch.Tensor],
@@ -216,18 +136,6 @@ def _cf(module: nn.Module, acc: GramAccumulator, cols: list[torch.Tensor]) -> to
     return alloc.closed_form_unit_scores(
         get_weight(module).detach().double().cpu(), acc.gram.cpu(), acc.cross.cpu(), acc.gram_d.cpu(), acc.count,
         cols, d=1.0, has_bias=get_bias(module) is not None).float()
-
-
-def keep_sets(adapter: Adapter, scores: LayerScores, keep_attn: float, keep_mlp: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The units a layer would keep at these fractions, by the dense scores (same rule as pruning)."""
-    shape = adapter.dense_shape()
-    q, kv = select_heads(scores.heads, shape.num_kv_heads, keep_attn * adapter.attn_params(shape),
-                         adapter.q_head_cost, adapter.kv_head_cost)
-    attn_actual = q.numel() * adapter.q_head_cost + kv.numel() * adapter.kv_head_cost
-    mlp_target = keep_mlp * adapter.mlp_params(shape) + keep_attn * adapter.attn_params(shape) - attn_actual
-    n = select_neurons(scores.neurons, mlp_target, adapter.neuron_cost)
-    return q, kv, n
 
 
 def masked_loss(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer, adapter: Adapter,

@@ -84,7 +84,7 @@ def check_reachable(config: Any, model_config: Any) -> None:
     config (a GGUF before loading) only the cap's bound is checked: no module loses more than
     max_layer_sparsity of its weights, so neither can the decoder."""
     from .arch import get_adapter
-    from .planning import check_reachable as exact
+    from .allocation.budget import check_reachable as exact
 
     if model_config is not None:
         try:
@@ -186,7 +186,7 @@ def human_bytes(n: float) -> str:
 def source_estimate(source: Any, config: Any) -> int:
     """`output_bytes_estimate` for a LayerSource or model, in the output dtype of `config`."""
     from .arch import get_adapter
-    from .planning import module_params
+    from .allocation.budget import module_params
 
     if isinstance(source, torch.nn.Module):
         total = sum(p.numel() for p in source.parameters())

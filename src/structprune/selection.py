@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .linalg import damped_inverse, dead_columns, mask_dead
+
 
 def select_heads(
     head_scores: torch.Tensor,
@@ -60,20 +62,6 @@ def neuron_count(target_params: float, neuron_cost: int, n: int, multiple: int =
     return int(n if k >= n or abs(n - want) <= abs(k - want) else k)
 
 
-def _damped_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """(H + lambda I)^-1 through Cholesky, lambda = damp * mean(diag H), grown tenfold (at most
-    four times) until the factorisation succeeds. H symmetric PSD float64, modified in place."""
-    lam = damp * float(torch.diagonal(h).mean().clamp_min(1e-12))
-    for _ in range(5):
-        chol, info = torch.linalg.cholesky_ex(h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            if torch.isfinite(inv).all():
-                return inv
-        lam *= 10
-    raise FloatingPointError("Gram matrix could not be factorised even with 10^4 x damping")
-
-
 def _obs_setup(weight: torch.Tensor, gram: torch.Tensor, bias: torch.Tensor | None, damp: float
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W~ [out, m], (G~ + lambda I)^-1 [m, m], dead [n]) in float64, where the constant input
@@ -82,15 +70,13 @@ def _obs_setup(weight: torch.Tensor, gram: torch.Tensor, bias: torch.Tensor | No
     n = weight.shape[1]
     m = n + (bias is not None)
     h = gram[:m, :m].to(torch.float64).clone()
-    dead = torch.diagonal(h)[:n] <= 0
+    dead = dead_columns(h)[:n]
     if dead.any():
-        h[:n][dead] = 0
-        h[:, :n][:, dead] = 0
-        h[torch.arange(n, device=h.device)[dead], torch.arange(n, device=h.device)[dead]] = 1.0
+        mask_dead(h, torch.cat([dead, torch.zeros(m - n, dtype=torch.bool, device=h.device)]))
     w = weight.detach().to(h.device, torch.float64)
     if bias is not None:
         w = torch.cat([w, bias.detach().to(h.device, torch.float64)[:, None]], dim=1)
-    return w, _damped_inverse(h, damp), dead
+    return w, damped_inverse(h, damp, what="OBS selection")[0], dead
 
 
 def obs_select_columns(weight: torch.Tensor, gram: torch.Tensor, keep: int, damp: float,

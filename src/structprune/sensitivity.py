@@ -34,22 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation as alloc
+from .allocation.budget import Key, keep_sets, module_params, prunable_keys, prunable_sparsity
 from .arch import Adapter
 from .config import PruneConfig
-from .planning import (
-    Allocation,
-    DenseLayer,
-    Key,
-    LayerScores,
-    dense_consumer_stats,
-    holdout_nll,
-    keep_sets,
-    layer_scores,
-    module_params,
-    prunable_keys,
-    prunable_sparsity,
-)
-from .reconstruct.lstsq import GramAccumulator, refit_consumer
+from .planning import Allocation, DenseLayer, LayerScores, dense_consumer_stats, holdout_nll, layer_scores
+from .reconstruct.lstsq import refit_consumer
+from .stats import GramAccumulator
 from .streaming import capture_layer_inputs, device_copy, run_layer, to_device
 from .surgery import get_bias, get_weight, head_columns, set_weight
 

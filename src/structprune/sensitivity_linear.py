@@ -45,9 +45,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .allocation.budget import Key
 from .arch import Adapter
 from .config import PruneConfig
-from .planning import DenseLayer, Key, dense_consumer_stats, layer_scores
+from .planning import DenseLayer, dense_consumer_stats, layer_scores
 from .sensitivity import _candidate
 from .streaming import device_copy, run_layer, to_device
 

@@ -27,215 +27,31 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from structprune.reconstruct.lstsq import damped_cholesky_solve
+from ..linalg import damped_cholesky_solve
+from .activations import Activation, resolve_activation
+from .admm_steps import (
+    gradient_weights,
+    quadratic_error,
+    solve_weights,
+    update_p,
+    update_up,
+    update_z_relu,
+    update_z_smooth,
+)
 
 log = logging.getLogger(__name__)
 
-Activation = Callable[[Tensor], Tensor]
-
-_ACT_ALIASES = {
-    "relu": "relu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "silu": "silu",
-    "swish": "silu",
-}
-_RIDGE_JITTER = 1e-12  # relative damping of the p-update system, which is already PD
 _EXACT_FIT = 1e-10  # relative error below which there is nothing left to reconstruct
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 # Newton steps and step halvings of the smooth z-update inside the loop. Each step can only lower
 # the z-subproblem's cost, so fewer steps keep the descent property; measured on SmolLM2-135M
 # (layer 10, 30%): 2 x 3 reaches the block error of 4 x 5 within 1% at a fraction of the time.
 Z_STEPS, Z_HALVINGS = 2, 3
-
-
-def _gelu_tanh(t: Tensor) -> Tensor:
-    return 0.5 * t * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (t + 0.044715 * t**3)))
-
-
-def _gelu_tanh_grad(t: Tensor) -> Tensor:
-    th = torch.tanh(_SQRT_2_OVER_PI * (t + 0.044715 * t**3))
-    return 0.5 * (1.0 + th) + 0.5 * t * (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * t * t)
-
-
-def _gelu_tanh_curv(t: Tensor) -> Tensor:
-    th = torch.tanh(_SQRT_2_OVER_PI * (t + 0.044715 * t**3))
-    s1 = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * t * t)
-    s2 = _SQRT_2_OVER_PI * 6 * 0.044715 * t
-    return (1.0 - th * th) * (s1 + 0.5 * t * (s2 - 2.0 * th * s1 * s1))
-
-
-def _gelu_curv(t: Tensor) -> Tensor:
-    return torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) * (2.0 - t * t)
-
-
-def _silu_curv(t: Tensor) -> Tensor:
-    s = torch.sigmoid(t)
-    return s * (1.0 - s) * (2.0 + t * (1.0 - 2.0 * s))
-
-
-def _gelu_grad(t: Tensor) -> Tensor:
-    cdf = 0.5 * (1.0 + torch.erf(t / math.sqrt(2.0)))
-    return cdf + t * torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
-
-
-def _silu_grad(t: Tensor) -> Tensor:
-    s = torch.sigmoid(t)
-    return s * (1.0 + t * (1.0 - s))
-
-
-_ACTS: dict[str, tuple[Activation, Activation, Activation]] = {  # function, first and second derivative
-    "relu": (torch.relu, lambda t: (t > 0).to(t.dtype), torch.zeros_like),
-    "gelu": (torch.nn.functional.gelu, _gelu_grad, _gelu_curv),
-    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad, _gelu_tanh_curv),
-    "silu": (torch.nn.functional.silu, _silu_grad, _silu_curv),
-}
-
-
-def resolve_activation(act: str) -> tuple[str, Activation, Activation]:
-    """Canonical name, function and derivative of an activation named as in HF configs."""
-    name = _ACT_ALIASES.get(act)
-    if name is None:
-        raise ValueError(f"act={act!r} is not supported; choose one of {sorted(_ACT_ALIASES)}")
-    fn, grad, _ = _ACTS[name]
-    return name, fn, grad
-
-
-# ----------------------------------------------------------------------------------------
-# Per-step updates (one chunk of tokens; float64 in, float64 out)
-# ----------------------------------------------------------------------------------------
-
-
-def update_p(w2: Tensor, b2: Tensor | None, y: Tensor, target: Tensor, beta: float, gamma: float) -> Tensor:
-    """Ridge update of the consumer input: p = (b W2^T W2 + g I)^-1 (b W2^T (y - b2) + g target).
-
-    w2 [d_out, k], b2 [d_out] or None, y [n, d_out], target = act(z) * v [n, k]; returns [n, k].
-    """
-    k = w2.shape[1]
-    eye = torch.eye(k, dtype=w2.dtype, device=w2.device)
-    system = beta * (w2.T @ w2) + gamma * eye
-    resid = y if b2 is None else y - b2
-    rhs = beta * (resid @ w2) + gamma * target
-    return damped_cholesky_solve(system, rhs, _RIDGE_JITTER)
-
-
-def update_z_relu(p: Tensor, m: Tensor, alpha: float, gamma: float, v: Tensor | None = None) -> Tensor:
-    """Exact elementwise minimiser of g (p - v relu(z))^2 + a (z - m)^2 (v = 1 when None).
-
-    Two branches as in SparseLLM: z <= 0 gives min(m, 0); z >= 0 gives the clamped ridge
-    solution (g v p + a m) / (g v^2 + a); the cheaper one wins. Shapes [n, k].
-    """
-    vv = torch.ones_like(p) if v is None else v
-    z_neg = m.clamp_max(0.0)
-    z_pos = ((gamma * vv * p + alpha * m) / (gamma * vv * vv + alpha)).clamp_min(0.0)
-    f_neg = gamma * p * p + alpha * (z_neg - m) ** 2
-    f_pos = gamma * (p - vv * z_pos) ** 2 + alpha * (z_pos - m) ** 2
-    return torch.where(f_pos <= f_neg, z_pos, z_neg)
-
-
-def update_z_smooth(
-    p: Tensor,
-    m: Tensor,
-    z: Tensor,
-    act: str,
-    alpha: float,
-    gamma: float,
-    v: Tensor | None = None,
-    steps: int = 4,
-    halvings: int = 5,
-) -> Tensor:
-    """Proximal step g (p - v act(z))^2 + a (z - m)^2 for a smooth activation. [n, k].
-
-    The 1-D problems are not convex (GELU and SiLU dip below zero), so two starts are
-    refined and the cheaper end point kept per element: the current z and the exact ReLU
-    solution (GELU and SiLU are close to ReLU away from 0). Each start takes Newton steps
-    (Gauss-Newton, curvature 2 g v^2 act'(z)^2 + 2 a > 0, where the exact curvature is not
-    safely positive) with elementwise step halving, moving an element only when its cost
-    falls; the cost is therefore never above that at z.
-    """
-    name, fn, grad = resolve_activation(act)
-    curv = _ACTS[name][2]
-    vv = torch.ones_like(p) if v is None else v
-
-    def cost(t: Tensor) -> Tensor:
-        return gamma * (p - vv * fn(t)) ** 2 + alpha * (t - m) ** 2
-
-    z_a, f_a = _newton(z, cost, fn, grad, curv, p, m, vv, alpha, gamma, steps, halvings)
-    z_b, f_b = _newton(update_z_relu(p, m, alpha, gamma, v), cost, fn, grad, curv, p, m, vv, alpha, gamma,
-                       steps, halvings)
-    return torch.where(f_b < f_a, z_b, z_a)
-
-
-def _newton(z: Tensor, cost: Activation, fn: Activation, grad: Activation, curv: Activation, p: Tensor,
-            m: Tensor, vv: Tensor, alpha: float, gamma: float, steps: int, halvings: int) -> tuple[Tensor, Tensor]:
-    z = z.clone()
-    f_cur = cost(z)
-    for _ in range(steps):
-        d = grad(z) * vv
-        r = p - vv * fn(z)
-        g = -gamma * d * r + alpha * (z - m)
-        h_gn = gamma * d * d + alpha
-        h = h_gn - gamma * vv * curv(z) * r
-        step = -g / torch.where(h > 0.1 * h_gn, h, h_gn)
-        pending = torch.ones_like(z, dtype=torch.bool)
-        t = 1.0
-        for _ in range(halvings):
-            cand = z + t * step
-            f_new = cost(cand)
-            better = pending & torch.isfinite(f_new) & (f_new < f_cur)
-            z = torch.where(better, cand, z)
-            f_cur = torch.where(better, f_new, f_cur)
-            pending &= ~better
-            if not pending.any():
-                break
-            t *= 0.5
-    return z, f_cur
-
-
-def update_up(p: Tensor, a: Tensor, u: Tensor, alpha: float, gamma: float) -> Tensor:
-    """Exact elementwise minimiser v of g (p - a v)^2 + a_v (v - u)^2 with a = act(z). [n, k]."""
-    return (gamma * a * p + alpha * u) / (gamma * a * a + alpha)
-
-
-def solve_weights(gram: Tensor, cross: Tensor, w_prev: Tensor, damp: float) -> Tensor:
-    """Proximal damped least squares: argmin_W tr(W G W^T) - 2 tr(W C^T) + lam |W - W_prev|^2.
-
-    gram G [n, n] = sum x x^T, cross C [m, n] = sum t x^T for targets t, w_prev [m, n];
-    lam = damp * mean(diag(G)). Solved as W_prev + damped_cholesky_solve(G, C - W_prev G).
-    Dead inputs (zero diagonal) keep their previous weight.
-    """
-    return w_prev + damped_cholesky_solve(gram, cross - w_prev @ gram, damp)
-
-
-def gradient_weights(gram: Tensor, cross: Tensor, w_prev: Tensor, damp: float, steps: int) -> Tensor:
-    """The objective of `solve_weights` lowered by `steps` gradient steps of size 1/L from
-    w_prev (L = largest eigenvalue of G + lam I), instead of the closed form."""
-    lam = damp * torch.diagonal(gram).mean().clamp_min(1e-12)
-    lip = torch.linalg.eigvalsh(gram).max().clamp_min(0) + lam
-    w = w_prev
-    for _ in range(steps):
-        w = w - ((w @ gram - cross) + lam * (w - w_prev)) / lip
-    return w
-
-
-def quadratic_error(gram: Tensor, cross: Tensor, y_sq: float, w: Tensor, count: int) -> float:
-    """mean_t |y_t - W h_t|^2 from sum h h^T (gram), sum y h^T (cross) and sum |y|^2."""
-    err = y_sq - 2.0 * (w * cross).sum() + ((w @ gram) * w).sum()
-    return float(err.clamp_min(0.0)) / max(count, 1)
-
-
-# ----------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -447,9 +263,62 @@ def admm_mlp(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases:
     """
     _validate(x, y, producers, producer_biases, consumer, consumer_bias, keep, gated, iters, alpha, beta,
               gamma, damp, chunk_tokens, sgd_steps)
+    keep = keep.to(torch.long)
+    pb, wps0, w2_0, st = _setup(x, y, producers, producer_biases, consumer, consumer_bias, keep, act, gated,
+                                chunk_tokens)
+    k, n_tok = pb.k, x.shape[0]
+    # iterate 0: one-shot least-squares re-fit of the consumer on the kept neurons
+    net = _network_pass(pb, wps0, st, None, init=True)
+    y_sq = net["y_sq"]
+    s_y = y_sq / max(n_tok, 1)
+    good_wps = wps0
+    good_w2, good_e = _one_shot(net, w2_0, damp, n_tok)
+    pen = _penalties(net, k, len(wps0), n_tok, s_y, alpha, beta, gamma)
+    st.w2 = good_w2
+    history = [{"iter": 0, "objective": good_e, "recon_error": good_e / max(s_y, 1e-30),
+                "surrogate": pen.beta * good_e, "accepted": True}]
+    log.debug("ADMM iter 0 (one-shot lstsq): E=%.6g (relative %.4g)", good_e, history[0]["recon_error"])
+    rejected, best_iter, pdamp = 0, 0, damp
+
+    for it in range(1, iters + 1):
+        if k == 0 or good_e <= _EXACT_FIT * s_y:
+            log.debug("ADMM stops at iter %d: nothing left to reconstruct (E=%.3g)", it, good_e)
+            break
+        e, sur, why, new_wps, w2_admm, w2_net = _iteration(pb, st, pen, net, good_wps, good_w2, good_e, y_sq,
+                                                           pdamp, damp, sgd_steps)
+        accepted = why is None
+        history.append({"iter": it, "objective": e, "recon_error": e / max(s_y, 1e-30), "surrogate": sur,
+                        "accepted": accepted})
+        if accepted:
+            good_wps, good_w2, good_e, best_iter = new_wps, w2_net, e, it
+            st.w2 = w2_admm
+            log.debug("ADMM iter %d: E=%.6g (relative %.4g), surrogate %.6g", it, e, history[-1]["recon_error"], sur)
+        else:
+            rejected += 1
+            pdamp = max(pdamp, 1e-6) * 10.0
+            st.stale, st.w2 = True, good_w2
+            log.warning("ADMM iter %d rejected: %s; back to iterate %d, producer damping now %.3g",
+                        it, why, best_iter, pdamp)
+
+    ws, bs, c, cb = _unpack(good_wps, good_w2, producers, producer_biases, consumer, consumer_bias, k)
+    if not _finite(c, *ws, *(b for b in bs if b is not None), *([cb] if cb is not None else [])):
+        log.warning("ADMM result overflows the weight dtype; returning the sliced original weights")
+        ws, bs, c, cb = _unpack(wps0, w2_0, producers, producer_biases, consumer, consumer_bias, k)
+        best_iter = -1
+    e0 = history[0]["objective"]
+    log.info("ADMM MLP: %d kept neurons, E %.6g -> %.6g (%.1f%% of one-shot lstsq) at iter %d, %d step(s) rejected",
+             k, e0, good_e, 100.0 * good_e / e0 if e0 > 0 else 100.0, best_iter, rejected)
+    return AdmmResult(producers=ws, producer_biases=bs, consumer=c, consumer_bias=cb, history=history,
+                      rejected=rejected, best_iter=best_iter)
+
+
+def _setup(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases: Sequence[Tensor | None],
+           consumer: Tensor, consumer_bias: Tensor | None, keep: Tensor, act: str, gated: bool,
+           chunk_tokens: int) -> tuple[_Problem, list[Tensor], Tensor, _State]:
+    """(the problem, the sliced producers [k, d_in (+1)] and consumer [d_out, k (+1)] in float64 on
+    x's device, the empty auxiliary state [T, k]); logs the buffers' sizes."""
     name, fn, _ = resolve_activation(act)
     dev = x.device
-    keep = keep.to(torch.long)
     k, n_tok, d_in = keep.numel(), x.shape[0], x.shape[1]
 
     def augment(w: Tensor, b: Tensor | None) -> Tensor:
@@ -476,11 +345,14 @@ def admm_mlp(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases:
     st = _State(z=torch.empty(n_tok, k, dtype=state_dtype, device=dev),
                 p=torch.empty(n_tok, k, dtype=state_dtype, device=dev),
                 v=torch.empty(n_tok, k, dtype=state_dtype, device=dev) if gated else None)
+    return pb, wps0, w2_0, st
 
-    # iterate 0: one-shot least-squares re-fit of the consumer on the kept neurons
-    net = _network_pass(pb, wps0, st, None, init=True)
+
+def _one_shot(net: dict, w2_0: Tensor, damp: float, n_tok: int) -> tuple[Tensor, float]:
+    """Iterate 0: (consumer, error E) of the better of two least-squares re-fits on the true
+    hidden activations (damped towards the sliced weights, or towards zero); the sliced
+    weights w2_0 only when every re-fit failed or is not finite."""
     y_sq = net["y_sq"]
-    s_y = y_sq / max(n_tok, 1)
     candidates = [w2_0]
     for solver in (lambda: solve_weights(net["gh"], net["ch"], w2_0, damp),
                    lambda: damped_cholesky_solve(net["gh"], net["ch"], damp)):
@@ -494,67 +366,47 @@ def admm_mlp(x: Tensor, y: Tensor, producers: Sequence[Tensor], producer_biases:
     if not math.isfinite(errs[best_c]):
         log.warning("one-shot consumer re-fit is not finite; starting from the sliced weights")
         best_c = 0
-    good_wps, good_w2, good_e = wps0, candidates[best_c], errs[best_c]
+    return candidates[best_c], errs[best_c]
 
+
+def _penalties(net: dict, k: int, n_producers: int, n_tok: int, s_y: float, alpha: float, beta: float,
+               gamma: float) -> _Penalties:
+    """The penalties divided by the mean squared norms per token of m (u), y and h at the start."""
     floor = 1e-12 * max(s_y, 1e-30)
     s_h = float(torch.diagonal(net["gh"])[:k].sum()) / max(n_tok, 1)
-    s_m = [s / max(n_tok, 1) for s in net["s"][: len(wps0)]]
-    pen = _Penalties(alpha=alpha / max(s_m[0], floor), alpha_v=alpha / max(s_m[-1], floor),
-                     beta=beta / max(s_y, floor), gamma=gamma / max(s_h, floor))
-    st.w2 = good_w2
-    history = [{"iter": 0, "objective": good_e, "recon_error": good_e / max(s_y, 1e-30),
-                "surrogate": pen.beta * good_e, "accepted": True}]
-    log.debug("ADMM iter 0 (one-shot lstsq): E=%.6g (relative %.4g)", good_e, history[0]["recon_error"])
-    rejected, best_iter, pdamp = 0, 0, damp
+    s_m = [s / max(n_tok, 1) for s in net["s"][:n_producers]]
+    return _Penalties(alpha=alpha / max(s_m[0], floor), alpha_v=alpha / max(s_m[-1], floor),
+                      beta=beta / max(s_y, floor), gamma=gamma / max(s_h, floor))
 
-    for it in range(1, iters + 1):
-        if k == 0 or good_e <= _EXACT_FIT * s_y:
-            log.debug("ADMM stops at iter %d: nothing left to reconstruct (E=%.3g)", it, good_e)
-            break
-        e, sur, why = math.inf, math.inf, None
-        try:
-            aux = _aux_pass(pb, good_wps, st, pen)
-            new_wps = []
-            for i, (w, c) in enumerate(zip(good_wps, pb.cols)):
-                g, cr = net["gx"][:c, :c], aux["cz"][i][:, :c]
-                new_wps.append(gradient_weights(g, cr, w, pdamp, sgd_steps) if sgd_steps
-                               else solve_weights(g, cr, w, pdamp))
-            w2_admm = solve_weights(aux["gp"], aux["cp"], st.w2, damp)
-            out = _network_pass(pb, new_wps, st, pen, init=False)
-            w2_net = solve_weights(out["gh"], out["ch"], good_w2, damp)
-            if not _finite(w2_admm, w2_net, *new_wps):
-                why = "non-finite weights"
-            else:
-                e = quadratic_error(out["gh"], out["ch"], y_sq, w2_net, n_tok)
-                sur = (out["terms"] + pen.beta * n_tok * quadratic_error(aux["gp"], aux["cp"], y_sq, w2_admm, n_tok)
-                       ) / max(n_tok, 1)
-                if not (math.isfinite(e) and math.isfinite(sur)):
-                    why = "non-finite objective"
-                elif e > good_e:
-                    why = f"objective rose from {good_e:.6g} to {e:.6g}"
-        except FloatingPointError as exc:
-            why = f"solve failed ({exc})"
-        accepted = why is None
-        history.append({"iter": it, "objective": e, "recon_error": e / max(s_y, 1e-30), "surrogate": sur,
-                        "accepted": accepted})
-        if accepted:
-            good_wps, good_w2, good_e, best_iter = new_wps, w2_net, e, it
-            st.w2 = w2_admm
-            log.debug("ADMM iter %d: E=%.6g (relative %.4g), surrogate %.6g", it, e, history[-1]["recon_error"], sur)
+
+def _iteration(pb: _Problem, st: _State, pen: _Penalties, net: dict, good_wps: list[Tensor], good_w2: Tensor,
+               good_e: float, y_sq: float, pdamp: float, damp: float, sgd_steps: int
+               ) -> tuple[float, float, str | None, list[Tensor], Tensor | None, Tensor | None]:
+    """One ADMM iteration from the last good iterate: (E, surrogate L, why it is rejected or None,
+    new producers, ADMM consumer, network consumer). Updates the auxiliaries in `st`."""
+    n_tok = pb.x.shape[0]
+    e, sur, why = math.inf, math.inf, None
+    new_wps: list[Tensor] = []
+    w2_admm = w2_net = None
+    try:
+        aux = _aux_pass(pb, good_wps, st, pen)
+        for i, (w, c) in enumerate(zip(good_wps, pb.cols)):
+            g, cr = net["gx"][:c, :c], aux["cz"][i][:, :c]
+            new_wps.append(gradient_weights(g, cr, w, pdamp, sgd_steps) if sgd_steps
+                           else solve_weights(g, cr, w, pdamp))
+        w2_admm = solve_weights(aux["gp"], aux["cp"], st.w2, damp)
+        out = _network_pass(pb, new_wps, st, pen, init=False)
+        w2_net = solve_weights(out["gh"], out["ch"], good_w2, damp)
+        if not _finite(w2_admm, w2_net, *new_wps):
+            why = "non-finite weights"
         else:
-            rejected += 1
-            pdamp = max(pdamp, 1e-6) * 10.0
-            st.stale, st.w2 = True, good_w2
-            log.warning("ADMM iter %d rejected: %s; back to iterate %d, producer damping now %.3g",
-                        it, why, best_iter, pdamp)
-
-    ws, bs, c, cb = _unpack(good_wps, good_w2, producers, producer_biases, consumer, consumer_bias, k)
-    if not _finite(c, *ws, *(b for b in bs if b is not None), *([cb] if cb is not None else [])):
-        log.warning("ADMM result overflows the weight dtype; returning the sliced original weights")
-        ws, bs, c, cb = _unpack(wps0, w2_0, producers, producer_biases, consumer, consumer_bias, k)
-        best_iter = -1
-    e0 = history[0]["objective"]
-    log.info("ADMM MLP: %d kept neurons, E %.6g -> %.6g (%.1f%% of one-shot lstsq) at iter %d, %d step(s) rejected",
-             k, e0, good_e, 100.0 * good_e / e0 if e0 > 0 else 100.0, best_iter, rejected)
-    return AdmmResult(producers=ws, producer_biases=bs, consumer=c, consumer_bias=cb, history=history,
-                      rejected=rejected, best_iter=best_iter)
+            e = quadratic_error(out["gh"], out["ch"], y_sq, w2_net, n_tok)
+            sur = (out["terms"] + pen.beta * n_tok * quadratic_error(aux["gp"], aux["cp"], y_sq, w2_admm, n_tok)
+                   ) / max(n_tok, 1)
+            if not (math.isfinite(e) and math.isfinite(sur)):
+                why = "non-finite objective"
+            elif e > good_e:
+                why = f"objective rose from {good_e:.6g} to {e:.6g}"
+    except FloatingPointError as exc:
+        why = f"solve failed ({exc})"
+    return e, sur, why, new_wps, w2_admm, w2_net

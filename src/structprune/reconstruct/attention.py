@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .lstsq import damped_cholesky_solve
+from ..linalg import damped_cholesky_solve
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Damped least-squares re-fit of a consumer projection on its kept input columns.
 
 Pure maths: tensors in, tensors out, float64 solves whatever the model dtype. The Gram sums are
-float64, or float32 when one (n+1)^2 matrix would exceed `GramAccumulator.float64_max_bytes`
+float64, or float32 when one (n+1)^2 matrix would exceed `stats.GramAccumulator.float64_max_bytes`
 (OPT-1.3B's FFN and larger: each batch's products are float32 anyway, so a float32 running sum adds
 about one rounding per batch; the kept block is solved in float64 either way).
 
@@ -17,230 +17,20 @@ column when the module has a bias), the new weight is
 i.e. ridge damping towards the sliced weights W~[:, K] (not towards zero): LLM activations
 have a few huge-variance columns, so a damping scaled by the mean diagonal is large for the
 others, and shrinking those weights to zero can make the re-fit worse than no re-fit.
-Dead columns (zero diagonal) get a unit diagonal and a zero weight.
+Dead columns (zero diagonal) get a unit diagonal and a zero weight. The statistics come from
+stats.GramAccumulator; the damped Cholesky solve is linalg.damped_solve.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
+from ..linalg import damped_solve
+from ..stats import GramAccumulator
+
 log = logging.getLogger(__name__)
-
-
-class GramAccumulator:
-    """Running sums of x~_p x~_p^T, x~_d x~_p^T and x~_d x~_d^T.
-
-    `add_batch(x_p, x_d)` takes [..., n] tensors (any float dtype, same token order);
-    x_d defaults to x_p (a single stream). While every batch is single-stream the three sums
-    are equal and one (n+1)^2 matrix holds them: `cross` and `gram_d` are then the same tensor
-    as `gram` (read them, never add to them). The first batch with an x_d splits them.
-    With full=False only the per-column sums and sums of squares of x_p are kept (enough for
-    scores; no re-fit), at a fraction of the cost.
-
-    Precision: the per-column sums are float64; the Gram sums are `dtype` (default: float64 up to
-    `float64_max_bytes` per matrix, float32 above). `release()` frees the Gram sums once a re-fit
-    has taken what it needs (the per-column sums stay, so scores remain available).
-
-    Memory: (n+1)^2 elements of `dtype` (three times that once two streams were seen), plus a
-    float32 product block of at most `block_elems` elements per batch.
-    """
-
-    block_elems = 1 << 24  # float32 elements (64 MiB) of one product block in add_batch
-    float64_max_bytes = 256 << 20  # larger Gram matrices are summed in float32 (n+1 > 5792)
-
-    def __init__(self, n: int, device: torch.device | str = "cpu", full: bool = True,
-                 dtype: torch.dtype | None = None) -> None:
-        self.n = n
-        self.count = 0
-        self.full = full
-        self.col_sum = torch.zeros(n, dtype=torch.float64, device=device)
-        self.sq_sum = torch.zeros(n, dtype=torch.float64, device=device)
-        m = n + 1
-        if dtype is None:
-            dtype = torch.float64 if m * m * 8 <= self.float64_max_bytes else torch.float32
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype={dtype} is not supported for Gram sums; use torch.float32 or torch.float64")
-        self.dtype = dtype
-        shape = (m, m) if full else (0, 0)
-        self.gram = torch.zeros(shape, dtype=dtype, device=device)
-        self._cross: torch.Tensor | None = None  # None: single stream, equal to gram
-        self._gram_d: torch.Tensor | None = None
-        self.released = False
-
-    @property
-    def single_stream(self) -> bool:
-        """True while no batch came with a separate dense-stream input (C = D = G)."""
-        return self._cross is None
-
-    @property
-    def cross(self) -> torch.Tensor:
-        """C = sum x~_d x~_p^T, [n+1, n+1] (the `gram` tensor itself while single-stream)."""
-        return self.gram if self._cross is None else self._cross
-
-    @property
-    def gram_d(self) -> torch.Tensor:
-        """D = sum x~_d x~_d^T, [n+1, n+1] (the `gram` tensor itself while single-stream)."""
-        return self.gram if self._gram_d is None else self._gram_d
-
-    def release(self) -> None:
-        """Free the Gram sums (the per-column sums and count stay). Later re-fits, batches or
-        reads of `gram` / `cross` / `gram_d` are errors."""
-        empty = torch.zeros((0, 0), dtype=self.dtype, device=self.gram.device)
-        self.gram, self._cross, self._gram_d = empty, None, None
-        self.released = True
-
-    def _check_live(self) -> None:
-        if self.released and self.full:
-            raise RuntimeError("the Gram sums of this accumulator were released (after a re-fit); "
-                               "gather new statistics")
-
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-
-    def _rows(self) -> int:
-        return max(1, self.block_elems // (self.n + 1))
-
-    def _add_sym(self, acc: torch.Tensor, x: torch.Tensor) -> None:
-        """acc += x^T x, formed in float32 blocks of rows on and right of the diagonal, mirrored."""
-        m, step = x.shape[1], self._rows()
-        for i in range(0, m, step):
-            j = min(i + step, m)
-            blk = x[:, i:j].T @ x[:, i:]  # [j - i, m - i] float32
-            acc[i:j, i:] += blk
-            acc[j:, i:j] += blk[:, j - i:].T
-
-    def _add_cross(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """acc += a^T b in float32 row blocks."""
-        step = self._rows()
-        for i in range(0, a.shape[1], step):
-            acc[i:i + step] += a[:, i:i + step].T @ b
-
-    def add_batch(self, x_p: torch.Tensor, x_d: torch.Tensor | None = None) -> None:
-        """Products are formed in float32 per block (BLAS speed) and summed in `dtype`."""
-        self._check_live()
-        x = x_p.reshape(-1, self.n).to(self.col_sum.device, torch.float32)
-        self.count += x.shape[0]
-        self.col_sum += x.sum(0).double()
-        self.sq_sum += (x * x).sum(0).double()
-        if not self.full:
-            return
-        xp = self._augment(x)
-        if x_d is None:
-            self._add_sym(self.gram, xp)
-            if self._cross is not None:  # two streams already: this batch's dense input is x_p
-                self._add_sym(self._gram_d, xp)
-                self._add_sym(self._cross, xp)
-            return
-        xd = self._augment(x_d.reshape(-1, self.n).to(self.col_sum.device, torch.float32))
-        if xd.shape != xp.shape:
-            raise ValueError(f"dense and pruned inputs differ in shape: {tuple(xd.shape)} vs {tuple(xp.shape)}")
-        if self._cross is None:  # the streams part: the sums so far were equal
-            self._cross, self._gram_d = self.gram.clone(), self.gram.clone()
-        self._add_sym(self.gram, xp)
-        self._add_sym(self._gram_d, xd)
-        self._add_cross(self._cross, xd, xp)
-
-    @property
-    def input_norm(self) -> torch.Tensor:
-        """Per-column L2 norm of the pruned-stream input over all tokens, [n] float32."""
-        return self.sq_sum.clamp_min(0).sqrt().float()
-
-    @property
-    def input_mean(self) -> torch.Tensor:
-        """Per-column mean of the pruned-stream input, [n] float64."""
-        return self.col_sum / max(self.count, 1)
-
-    @property
-    def input_var(self) -> torch.Tensor:
-        """Per-column variance of the pruned-stream input, [n] float64."""
-        mean = self.input_mean
-        return (self.sq_sum / max(self.count, 1) - mean * mean).clamp_min(0)
-
-
-def damped_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float,
-                          prior: torch.Tensor | None = None) -> torch.Tensor:
-    """Solve X (A + lambda I) = RHS + lambda * PRIOR for X, with A symmetric PSD [n, n], RHS and
-    PRIOR [m, n] (PRIOR defaults to 0: plain ridge). With a prior the damping pulls the solution
-    towards it instead of towards zero, so heavy damping degrades gracefully to the prior.
-
-    lambda = damp * mean(diag(A)); a failed factorisation grows the damping tenfold (at most
-    four times) and logs it. Dead columns of A (zero diagonal) get zero weight. Float64.
-    """
-    return _damped_solve(a, rhs, damp, prior)[0]
-
-
-def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damp: float, prior: torch.Tensor | None = None,
-                  reload: Callable[[], torch.Tensor] | None = None,
-                  on_factored: Callable[[], None] | None = None, rows: int = 512,
-                  out: torch.Tensor | None = None, dots: list[float] | None = None) -> tuple[torch.Tensor, float]:
-    """damped_cholesky_solve, also returning the lambda finally used. Memory: A plus one [n, n]
-    factor, or with `reload` (a function that rebuilds A for a retry) only the factor: A is then
-    the caller's scratch copy and is overwritten. `on_factored` is called once the factorisation
-    succeeded (the caller may then free what `reload` reads); a non-finite solution is then
-    returned as it is (the caller falls back) instead of retried.
-
-    The right-hand side is solved `rows` rows at a time in float64 (rows are independent), each
-    block written to `out` (default: a new float64 tensor; may be `rhs` itself, any float dtype,
-    when `on_factored` is given: nothing is retried once rows are overwritten). With `dots`, the
-    float64 sums <RHS, X> and <X, X> are appended to it (taken before a block is overwritten)."""
-    if out is rhs and on_factored is None:
-        raise ValueError("solving in place (out=rhs) needs on_factored: a retry would read overwritten rows")
-    a = a.to(torch.float64)
-    prior = None if prior is None else prior.to(torch.float64)
-    dead = torch.diagonal(a) <= 0
-    if dead.any():
-        a = _undead(a if reload else a.clone(), dead)
-        if out is not rhs:
-            rhs = rhs.clone()
-        rhs[:, dead] = 0
-        if prior is not None:
-            prior = prior.clone()
-            prior[:, dead] = 0
-    scale = torch.diagonal(a).mean().clamp_min(1e-12)
-    lam = damp * scale
-    info = torch.empty((), dtype=torch.int32, device=a.device)
-    for attempt in range(5):
-        if reload is None:
-            chol = a.clone()
-        elif attempt == 0:
-            chol, a = a, None  # the caller's scratch copy becomes the factor
-        else:
-            chol = reload().to(torch.float64)
-            if dead.any():
-                _undead(chol, dead)
-        torch.diagonal(chol).add_(lam)
-        # In place and without LAPACK's column-major copy: the transposed view of the symmetric
-        # matrix is column-major, factored as upper U with A = U^T U.
-        upper = chol.mT
-        torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
-        if int(info) == 0:
-            if on_factored is not None:
-                on_factored()
-            sol = out if out is not None else torch.empty(rhs.shape, dtype=torch.float64, device=rhs.device)
-            rx = xx = 0.0
-            for i in range(0, rhs.shape[0], rows):  # X U^T U = B, one block of rows at a time
-                rb = rhs[i:i + rows].to(torch.float64)
-                b = rb if prior is None else rb + lam * prior[i:i + rows]
-                y = torch.linalg.solve_triangular(upper, b, upper=True, left=False)
-                x = torch.linalg.solve_triangular(upper.mT, y, upper=False, left=False)
-                if dots is not None:
-                    rx += float((rb * x).sum())
-                    xx += float((x * x).sum())
-                sol[i:i + rows] = x
-                del rb, b, y, x
-            if torch.isfinite(sol).all() or on_factored is not None:
-                if attempt:
-                    log.warning("least squares needed %dx the requested damping to factorise", 10**attempt)
-                if dots is not None:
-                    dots += [rx, xx]
-                return sol, float(lam)
-            del sol
-        del chol, upper
-        lam = lam * 10
-    raise FloatingPointError("least-squares solve failed even with 10^4 x damping: degenerate calibration data")
 
 
 def _wg(w: torch.Tensor, g: torch.Tensor, step: int = 1024) -> torch.Tensor:
@@ -266,14 +56,6 @@ def _augmented(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.de
     b = (torch.zeros(w.shape[0], 1, dtype=torch.float64, device=device) if bias is None
          else bias.detach().to(device=device, dtype=torch.float64)[:, None])
     return torch.cat([w, b], dim=1)
-
-
-def _undead(a: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """In place: zero the rows and columns of dead columns and put 1 on their diagonal."""
-    a[dead, :] = 0
-    a[:, dead] = 0
-    a[dead, dead] = 1.0
-    return a
 
 
 def _block_rows(a: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, step: int = 1024) -> torch.Tensor:
@@ -311,7 +93,7 @@ def refit_consumer(
     error_none = tr(W_R G_RR W_R^T), error = error_none - <M, Delta> - lam <Delta, Delta> (per token).
     Cost O(out n |R| + |K|^3 + out |K|^2) instead of O(out n^2); memory G plus one [|K|, |K|] factor.
     """
-    stats._check_live()
+    stats.check_live()
     dev = stats.gram.device
     cols = _columns(keep, stats.n, bias is not None, dev)
     count = max(stats.count, 1)
@@ -364,7 +146,7 @@ def _refit_single(weight: torch.Tensor, bias: torch.Tensor | None, stats: GramAc
     if release:
         stats.release()
     dots: list[float] = []
-    delta, lam = _damped_solve(held[0].to(torch.float64, copy=True), m, damp,
+    delta, lam = damped_solve(held[0].to(torch.float64, copy=True), m, damp,
                                reload=lambda: held[0].to(torch.float64, copy=True), on_factored=held.clear,
                                out=m, dots=dots)
     if not torch.isfinite(delta).all():
@@ -399,7 +181,7 @@ def _refit_two_streams(weight: torch.Tensor, bias: torch.Tensor | None, stats: G
     if release:
         stats.release()
     error_none = dense - 2 * float((rhs * sliced).sum()) + float((sliced @ g_kk * sliced).sum())
-    sol, lam = _damped_solve(g_kk, rhs, damp, prior=sliced)
+    sol, lam = damped_solve(g_kk, rhs, damp, prior=sliced)
     del g_kk
     if not torch.isfinite(sol).all():
         log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
@@ -428,7 +210,7 @@ def refit_to_target(
     must be single-stream (x_p only). Then W' (G_KK + lam I) = (1 - mix) W~ G[:, K] + mix T[:, K]
     + lam W~_K, damped towards the sliced weights as in refit_consumer; same returns and errors
     (measured against y*). A non-finite solve falls back to the sliced weights and is logged."""
-    stats._check_live()
+    stats.check_live()
     if not stats.single_stream:
         raise ValueError("refit_to_target needs single-stream statistics (pruned inputs only)")
     if not 0.0 <= mix <= 1.0:
@@ -447,7 +229,7 @@ def refit_to_target(
     if release:
         stats.release()
     error_none = energy - 2 * float((rhs * sliced).sum()) + float((sliced @ g_kk * sliced).sum())
-    sol, _ = _damped_solve(g_kk, rhs, damp, prior=sliced)
+    sol, _ = damped_solve(g_kk, rhs, damp, prior=sliced)
     if not torch.isfinite(sol).all():
         log.warning("least-squares re-fit produced non-finite values; keeping the sliced weights instead")
         sol, error = sliced, error_none
@@ -466,7 +248,7 @@ def reconstruction_error(
 ) -> float:
     """Mean squared error per token, summed over outputs, between the dense target
     W x_d + b and the pruned projection W' x_p[K] + b', from the statistics alone."""
-    stats._check_live()
+    stats.check_live()
     dev = stats.gram.device
     cols = _columns(keep, stats.n, new_bias is not None, dev)
     w = _augmented(weight, bias, dev)
