@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from structprune import allocation as alloc
-from structprune import sensitivity_linear
+from structprune.sensitivity import linear
 from structprune.arch import get_adapter
 from structprune.config import PruneConfig
 from structprune.data import calibration_windows, load_text, tokenize
@@ -32,7 +32,8 @@ from structprune.loading import load_model
 from structprune.plan import PrunePlan
 from structprune.planning import module_params, prunable_keys, prunable_sparsity
 from structprune.sensitivity import fractions
-from structprune.streaming import calibration_mode, capture_layer_inputs
+from structprune.runtime.hooks import calibration_mode
+from structprune.runtime.stream import LayerStream
 
 
 def ranks(x: list[float]) -> list[float]:
@@ -155,12 +156,11 @@ def main() -> None:
     counter = LayerCounter(layers, model.get_output_embeddings())
     t0 = time.perf_counter()
     with calibration_mode(model):
-        hidden, calls = capture_layer_inputs(model, layers, calib, config.batch_size)
-        hold, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
+        stream = LayerStream.capture(model, layers, calib, config.batch_size)
+        hold = LayerStream.capture(model, layers, holdout, config.batch_size)
         counter.counts.update(layer=0, head=0)
-        curves, base, info = sensitivity_linear.measure(config, ad, model, lambda i: layers[i], hidden, calls,
-                                                        holdout, hold, keys, removed, torch.device("cpu"),
-                                                        torch.float32, progress=True)
+        curves, base, info = linear.measure(config, ad, model, lambda i: layers[i], stream, hold, holdout, keys,
+                                            removed, progress=True)
     seconds = time.perf_counter() - t0
     counter.remove()
     terms = info["terms"]
@@ -189,7 +189,7 @@ def main() -> None:
         "reference_calibration": f"{rc['nsamples']}x{rc['seqlen']}", "calibration": f"{args.nsamples}x{rc['seqlen']}",
         "holdout_windows": int(holdout.shape[0]), "fractions": removed, "prunable_sparsity": sparsity,
         "holdout_nll_dense": base, "reference_holdout_nll_dense": ref.allocation.get("holdout_nll_dense"),
-        "estimate": "[sum_t g.delta + 1/2 sum_t (g.delta)^2] / N (sensitivity_linear.taylor_terms)",
+        "estimate": "[sum_t g.delta + 1/2 sum_t (g.delta)^2] / N (sensitivity.linear.taylor_terms)",
         "rank": table,
         **summary,
         "layer_forwards": counter.counts["layer"], "head_calls": counter.counts["head"],

@@ -9,7 +9,7 @@ import torch
 from conftest import logits, tiny_model, windows
 
 import structprune as sp
-from structprune.source import SafetensorsSource
+from structprune.runtime.source import SafetensorsSource
 
 
 class TrackingSource(SafetensorsSource):
