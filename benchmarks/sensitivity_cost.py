@@ -7,8 +7,8 @@ Random-weight OPT-shaped models (benchmarks/opt_shapes.py configs, a tiny hidden
 counts matter) of 12 / 24 / 32 / 48 layers, FFN only at 30% (four fractions per module, as
 `--modules mlp`). Hooks on the model's own decoder layers and head count every call (one call
 = one batch; one calibration batch and one held-back batch here, so a call is a layer pass over
-all the held-back or calibration windows) in `sensitivity.measure` (exact) and
-`sensitivity_linear.measure`; the most decoder-layer copies alive at any layer call is tracked
+all the held-back or calibration windows) in `sensitivity.exact.measure` and
+`sensitivity.linear.measure`; the most decoder-layer copies alive at any layer call is tracked
 too (the host originals are never run: every rule runs device copies). Seconds are reported
 but are not the point.
 """

@@ -8,7 +8,7 @@ The reference plan holds the exact rule's measured curves ({"i.kind": [[fraction
 increase]]}) with its calibration (nsamples x seqlen, seed) and the held-back windows
 (max(2, nsamples // 8) windows, seed + 1, as `api.calibration_data`). This script re-draws the SAME
 held-back windows, takes the first `--nsamples` of the reference's calibration windows for the
-re-fit Grams and scores, runs `sensitivity_linear.measure` at the reference's fractions, and reports
+re-fit Grams and scores, runs `sensitivity.linear.measure` at the reference's fractions, and reports
 per module kind and fraction the Spearman rank correlation over layers of the estimate (and of its
 first- and second-order terms alone) with the exact increases, plus the allocation each gives
 (`allocation.sensitivity_split`) and the layer forwards counted by hooks.
