@@ -193,8 +193,8 @@ def main() -> None:
         "rank": table,
         **summary,
         "layer_forwards": counter.counts["layer"], "head_calls": counter.counts["head"],
-        "layers": n_layers, "calibration_batches": len(hidden), "holdout_batches": len(hold),
-        "exact_rule_layer_forwards_formula": (len(hidden) + len(hold)) * n_layers
+        "layers": n_layers, "calibration_batches": len(stream), "holdout_batches": len(hold),
+        "exact_rule_layer_forwards_formula": (len(stream) + len(hold)) * n_layers
         + len(hold) * len(removed) * len(keys) // n_layers * n_layers * (n_layers + 1) // 2,
         "seconds": seconds, "terms": terms,
     }
