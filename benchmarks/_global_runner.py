@@ -19,7 +19,7 @@ from structprune.api import calibration_data
 from structprune.config import PruneConfig
 from structprune.global_taylor import prune_global
 from structprune.loading import load_model
-from structprune.streaming import resolve_device
+from structprune.runtime.device import resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -52,24 +52,25 @@ def streamed_forward_seconds(folder: str, windows: torch.Tensor, device: torch.d
                              batch_size: int = 8) -> float:
     """The same reference for a model larger than host memory: one dense forward pass of the
     calibration set, one decoder layer at a time from the safetensors files (embeddings plus
-    every layer's forward on `device`; loading and copying the layers is not timed)."""
+    every layer's forward on `device` with its outputs brought back to the host, as the pruning
+    pipeline streams them; loading and copying the layers is not timed)."""
     from structprune.arch import get_adapter
-    from structprune.source import SafetensorsSource, skeleton
-    from structprune.streaming import calibration_mode, capture_layer_inputs, device_copy, run_layer, to_device
+    from structprune.runtime.hooks import calibration_mode
+    from structprune.runtime.source import SafetensorsSource, skeleton
+    from structprune.runtime.stream import LayerStream
 
     source = SafetensorsSource(folder, getattr(torch, dtype))
     model = skeleton(source)
     layers = get_adapter(model.config).decoder_layers(model)
     with torch.no_grad(), calibration_mode(model):
         t0 = time.perf_counter()
-        hidden, calls = capture_layer_inputs(model, layers, windows, batch_size)
+        stream = LayerStream.capture(model, layers, windows, batch_size, device, source.dtype)
         seconds = time.perf_counter() - t0
         for i in range(len(layers)):
-            layer = device_copy(source.layer(i), device, getattr(torch, dtype))
-            call = to_device(calls[i], device, getattr(torch, dtype))
+            layer = stream.onload(source.layer(i))
             _sync(device)
             t0 = time.perf_counter()
-            hidden = [run_layer(layer, h.to(device, getattr(torch, dtype)), call) for h in hidden]
+            stream = stream.run(layer, i)  # the outputs come back to the host, as in the pipeline
             _sync(device)
             seconds += time.perf_counter() - t0
             del layer

@@ -7,8 +7,8 @@ Random-weight OPT-shaped models (benchmarks/opt_shapes.py configs, a tiny hidden
 counts matter) of 12 / 24 / 32 / 48 layers, FFN only at 30% (four fractions per module, as
 `--modules mlp`). Hooks on the model's own decoder layers and head count every call (one call
 = one batch; one calibration batch and one held-back batch here, so a call is a layer pass over
-all the held-back or calibration windows) in `sensitivity.measure` (exact) and
-`sensitivity_linear.measure`; the most decoder-layer copies alive at any layer call is tracked
+all the held-back or calibration windows) in `sensitivity.exact.measure` and
+`sensitivity.linear.measure`; the most decoder-layer copies alive at any layer call is tracked
 too (the host originals are never run: every rule runs device copies). Seconds are reported
 but are not the point.
 """
@@ -27,12 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from opt_shapes import opt_config  # noqa: E402
 
-from structprune import sensitivity, sensitivity_linear  # noqa: E402
+from structprune.sensitivity import exact, linear  # noqa: E402
 from structprune.arch import get_adapter  # noqa: E402
 from structprune.config import PruneConfig  # noqa: E402
 from structprune.allocation.budget import prunable_keys, prunable_sparsity  # noqa: E402
 from structprune.sensitivity import fractions  # noqa: E402
-from structprune.streaming import calibration_mode, capture_layer_inputs  # noqa: E402
+from structprune.runtime.hooks import calibration_mode  # noqa: E402
+from structprune.runtime.stream import LayerStream  # noqa: E402
 
 
 def count_run(n_layers: int, rule, hidden_size: int, seqlen: int, n_calib: int, n_hold: int) -> dict:
@@ -66,12 +67,11 @@ def count_run(n_layers: int, rule, hidden_size: int, seqlen: int, n_calib: int, 
     hold_ids = torch.randint(0, cfg.vocab_size, (n_hold, seqlen), generator=g)
     try:
         with calibration_mode(model):
-            hidden, calls = capture_layer_inputs(model, layers, calib, config.batch_size)
-            hold, _ = capture_layer_inputs(model, layers, hold_ids, config.batch_size)
+            stream = LayerStream.capture(model, layers, calib, config.batch_size)
+            hold = LayerStream.capture(model, layers, hold_ids, config.batch_size)
             counts.update(layer=0, head=0)
             t0 = time.perf_counter()
-            rule.measure(config, ad, model, lambda i: layers[i], hidden, calls, hold_ids, hold, keys, removed,
-                         torch.device("cpu"), torch.float32, progress=False)
+            rule.measure(config, ad, model, lambda i: layers[i], stream, hold, hold_ids, keys, removed, progress=False)
             seconds = time.perf_counter() - t0
     finally:
         for h in handles:
@@ -92,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for n in [int(d) for d in args.depths.split(",")]:
-        for name, rule in (("exact", sensitivity), ("linear", sensitivity_linear)):
+        for name, rule in (("exact", exact), ("linear", linear)):
             r = count_run(n, rule, args.hidden_size, args.seqlen, args.calib, args.holdout)
             rows.append({"layers": n, "rule": name, **r})
             print(f"L={n:3d} {name:6s} layer forwards {r['layer_forwards']:6d}  head calls {r['head_calls']:5d}  "

@@ -8,7 +8,7 @@ The reference plan holds the exact rule's measured curves ({"i.kind": [[fraction
 increase]]}) with its calibration (nsamples x seqlen, seed) and the held-back windows
 (max(2, nsamples // 8) windows, seed + 1, as `api.calibration_data`). This script re-draws the SAME
 held-back windows, takes the first `--nsamples` of the reference's calibration windows for the
-re-fit Grams and scores, runs `sensitivity_linear.measure` at the reference's fractions, and reports
+re-fit Grams and scores, runs `sensitivity.linear.measure` at the reference's fractions, and reports
 per module kind and fraction the Spearman rank correlation over layers of the estimate (and of its
 first- and second-order terms alone) with the exact increases, plus the allocation each gives
 (`allocation.sensitivity_split`) and the layer forwards counted by hooks.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from structprune import allocation as alloc
-from structprune import sensitivity_linear
+from structprune.sensitivity import linear
 from structprune.arch import get_adapter
 from structprune.config import PruneConfig
 from structprune.data import calibration_windows, load_text, tokenize
@@ -32,7 +32,8 @@ from structprune.loading import load_model
 from structprune.plan import PrunePlan
 from structprune.allocation.budget import module_params, prunable_keys, prunable_sparsity
 from structprune.sensitivity import fractions
-from structprune.streaming import calibration_mode, capture_layer_inputs
+from structprune.runtime.hooks import calibration_mode
+from structprune.runtime.stream import LayerStream
 
 
 def ranks(x: list[float]) -> list[float]:
@@ -155,12 +156,11 @@ def main() -> None:
     counter = LayerCounter(layers, model.get_output_embeddings())
     t0 = time.perf_counter()
     with calibration_mode(model):
-        hidden, calls = capture_layer_inputs(model, layers, calib, config.batch_size)
-        hold, _ = capture_layer_inputs(model, layers, holdout, config.batch_size)
+        stream = LayerStream.capture(model, layers, calib, config.batch_size)
+        hold = LayerStream.capture(model, layers, holdout, config.batch_size)
         counter.counts.update(layer=0, head=0)
-        curves, base, info = sensitivity_linear.measure(config, ad, model, lambda i: layers[i], hidden, calls,
-                                                        holdout, hold, keys, removed, torch.device("cpu"),
-                                                        torch.float32, progress=True)
+        curves, base, info = linear.measure(config, ad, model, lambda i: layers[i], stream, hold, holdout, keys,
+                                            removed, progress=True)
     seconds = time.perf_counter() - t0
     counter.remove()
     terms = info["terms"]
@@ -189,12 +189,12 @@ def main() -> None:
         "reference_calibration": f"{rc['nsamples']}x{rc['seqlen']}", "calibration": f"{args.nsamples}x{rc['seqlen']}",
         "holdout_windows": int(holdout.shape[0]), "fractions": removed, "prunable_sparsity": sparsity,
         "holdout_nll_dense": base, "reference_holdout_nll_dense": ref.allocation.get("holdout_nll_dense"),
-        "estimate": "[sum_t g.delta + 1/2 sum_t (g.delta)^2] / N (sensitivity_linear.taylor_terms)",
+        "estimate": "[sum_t g.delta + 1/2 sum_t (g.delta)^2] / N (sensitivity.linear.taylor_terms)",
         "rank": table,
         **summary,
         "layer_forwards": counter.counts["layer"], "head_calls": counter.counts["head"],
-        "layers": n_layers, "calibration_batches": len(hidden), "holdout_batches": len(hold),
-        "exact_rule_layer_forwards_formula": (len(hidden) + len(hold)) * n_layers
+        "layers": n_layers, "calibration_batches": len(stream), "holdout_batches": len(hold),
+        "exact_rule_layer_forwards_formula": (len(stream) + len(hold)) * n_layers
         + len(hold) * len(removed) * len(keys) // n_layers * n_layers * (n_layers + 1) // 2,
         "seconds": seconds, "terms": terms,
     }

@@ -172,7 +172,7 @@ class _DyingFollower(distributed.FollowerSink):
 def _prune_to_folder(folder: str, resume: bool, die: bool) -> dict:
     from structprune import io
     from structprune.pipeline import prune_model
-    from structprune.source import layers_prefix
+    from structprune.runtime.source import layers_prefix
 
     out = Path(folder) / "pruned"
     if die and distributed.rank() == 1:

@@ -82,14 +82,16 @@ def test_bias_compensation_keeps_the_mean_output(family):
     """Layer 0 sees the same input in the dense and pruned model; with its attention pruned the
     o_proj output mean over the calibration tokens is the dense one (FLAP's compensation);
     without compensation it is not."""
-    from structprune.streaming import calibration_mode, capture_layer_inputs
+    from structprune.runtime.hooks import calibration_mode
+    from structprune.runtime.stream import LayerStream
 
     model = tiny_model(family)
     ids = windows(8)
     cfg = method_config("flap", sparsity=0.25, device="cpu", prune_mlp=False)  # attention-only: at most 0.27 (llama)
     ad = get_adapter(model.config)
     with calibration_mode(model):
-        hidden, calls = capture_layer_inputs(model, ad.decoder_layers(model), ids, batch_size=8)
+        stream = LayerStream.capture(model, ad.decoder_layers(model), ids, 8)
+    hidden, calls = stream.hidden, stream.calls
     args, kwargs = calls[0]
     x = hidden[0]
     means = {}

@@ -111,7 +111,7 @@ def test_load_pruned_and_sharded_writer_unaffected_by_auto_map(tmp_path):
     """load_pruned (no trust_remote_code) still rebuilds a folder that carries auto_map; the layer-wise
     ShardWriter writes the same remote code."""
     from structprune.io import ShardWriter
-    from structprune.source import layers_prefix
+    from structprune.runtime.source import layers_prefix
 
     res = _non_uniform("llama")
     out = save_pruned(res.model, res.plan, tmp_path / "m")

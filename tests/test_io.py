@@ -65,7 +65,7 @@ def test_allocation_plot_written_beside_model(tmp_path):
 def test_shard_writer_layer_by_layer_reloads(family, tmp_path):
     """Layers written as they finish (then freed) make a sharded checkpoint that reloads exactly."""
     from structprune.io import INDEX_NAME, ShardWriter
-    from structprune.source import layers_prefix
+    from structprune.runtime.source import layers_prefix
 
     model = tiny_model(family)
     cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu")
@@ -116,7 +116,7 @@ def test_interrupted_run_resumes_to_the_same_model(family, options, tmp_path):
     """A run stopped after two layers continues from its shards and ends with exactly the model
     an uninterrupted run writes; the finished layers are not pruned again."""
     from structprune.io import ShardWriter, partial_dir
-    from structprune.source import layers_prefix
+    from structprune.runtime.source import layers_prefix
 
     model = tiny_model(family)
     cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu", **options)
@@ -142,7 +142,7 @@ def test_interrupted_run_resumes_to_the_same_model(family, options, tmp_path):
 
 def test_resume_with_another_configuration_starts_over(tmp_path):
     from structprune.io import ShardWriter
-    from structprune.source import layers_prefix
+    from structprune.runtime.source import layers_prefix
 
     model = tiny_model("llama")
     cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu")

@@ -8,7 +8,8 @@ from conftest import logits, tiny_model, windows
 
 import structprune as sp
 from structprune.arch import get_adapter
-from structprune.streaming import calibration_mode, capture_layer_inputs, run_layer
+from structprune.runtime.hooks import calibration_mode, run_layer
+from structprune.runtime.stream import LayerStream
 
 
 def _cfg(**kw):
@@ -24,7 +25,8 @@ def test_layer_stream_equals_model_forward(family):
     ad = get_adapter(model.config)
     layers = ad.decoder_layers(model)
     with calibration_mode(model):
-        hidden, calls = capture_layer_inputs(model, layers, ids, batch_size=3)
+        stream = LayerStream.capture(model, layers, ids, 3)
+        hidden, calls = stream.hidden, stream.calls
         ref = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
         for b, h in enumerate(hidden):
             for i, layer in enumerate(layers):

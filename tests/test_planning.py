@@ -105,9 +105,9 @@ def test_rho_search_scores_units_on_a_token_prefix(monkeypatch):
     seen = []
     real = planning.importance_pass
 
-    def spy(model, layers, dense_layer, adapter, hidden, *args, **kwargs):
-        seen.append(sum(x.shape[0] * x.shape[1] for x in hidden))
-        return real(model, layers, dense_layer, adapter, hidden, *args, **kwargs)
+    def spy(dense_layer, adapter, stream, *args, **kwargs):
+        seen.append(sum(x.shape[0] * x.shape[1] for x in stream))
+        return real(dense_layer, adapter, stream, *args, **kwargs)
 
     monkeypatch.setattr(planning, "importance_pass", spy)
     monkeypatch.setattr(planning, "RHO_SEARCH_TOKENS", 4 * 24)
@@ -132,20 +132,21 @@ def test_robust_layer_importance_ignores_massive_activation_tokens():
     so "relative" undervalues every layer after them; "robust" divides by the median token RMS,
     which they do not move."""
     from structprune.planning import dense_consumer_stats
-    from structprune.streaming import calibration_mode, capture_layer_inputs
+    from structprune.runtime.hooks import calibration_mode
+    from structprune.runtime.stream import LayerStream
 
     model = tiny_model("llama")
     ad = get_adapter(model.config)
     layers = ad.decoder_layers(model)
     with calibration_mode(model), torch.no_grad():
-        hidden, calls = capture_layer_inputs(model, layers, windows(4, 24), 4)
-    spiked = [h.clone() for h in hidden]
-    spiked[0][0, 3] *= 1e3  # one token of 96
+        stream = LayerStream.capture(model, layers, windows(4, 24), 4)
+    spiked = stream.with_hidden([h.clone() for h in stream.hidden])
+    spiked.hidden[0][0, 3] *= 1e3  # one token of 96
     stats = {}
-    for name, xs in (("plain", hidden), ("spiked", spiked)):
+    for name, xs in (("plain", stream), ("spiked", spiked)):
         with torch.no_grad():
             stats[name] = [scale for _, _, _, _, scale in dense_consumer_stats(
-                ad, lambda i: layers[i], xs, calls, "cpu", torch.float32, progress=False)]
+                ad, lambda i: layers[i], xs, progress=False)]
     rms_plain, median_plain = stats["plain"][0]
     rms_spiked, median_spiked = stats["spiked"][0]
     assert rms_spiked > 10 * rms_plain
@@ -167,7 +168,8 @@ def test_sensitivity_measures_a_dead_mlp_as_free_and_allocates_by_the_curves():
     from structprune import allocation as A
     from structprune import sensitivity
     from structprune.allocation.budget import module_params
-    from structprune.streaming import calibration_mode, capture_layer_inputs
+    from structprune.runtime.hooks import calibration_mode
+    from structprune.runtime.stream import LayerStream
 
     model = tiny_model("llama")
     ad = get_adapter(model.config)
@@ -188,12 +190,12 @@ def test_sensitivity_measures_a_dead_mlp_as_free_and_allocates_by_the_curves():
     assert [len(lp.kept_neurons) for lp in res.plan.layers] == pytest.approx([k * n for k in want], abs=1.5)
 
     with calibration_mode(model), torch.no_grad():
-        hidden, calls = capture_layer_inputs(model, layers, windows(8), 4)
+        calib = LayerStream.capture(model, layers, windows(8), 4)
         hold_ids = windows(4, seed=2)
-        hold, _ = capture_layer_inputs(model, layers, hold_ids, 4)
+        hold = LayerStream.capture(model, layers, hold_ids, 4)
         keys = [(i, "mlp") for i in range(len(layers))] + [(0, "attn")]
-        none_removed, base = sensitivity.measure(cfg, ad, model, lambda i: layers[i], hidden, calls, hold_ids, hold,
-                                                 keys, [1e-9], torch.device("cpu"), torch.float32, progress=False)
+        none_removed, base = sensitivity.exact.measure(cfg, ad, model, lambda i: layers[i], calib, hold, hold_ids,
+                                                       keys, [1e-9], progress=False)
     assert all(abs(c[0][1]) < 1e-4 * base for c in none_removed.values()), none_removed
 
 

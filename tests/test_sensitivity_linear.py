@@ -9,13 +9,11 @@ from transformers import AutoModelForCausalLM
 
 import structprune as sp
 from structprune import allocation as A
-from structprune import sensitivity, sensitivity_linear
+from structprune.sensitivity import exact, linear
 from structprune.arch import get_adapter
 from structprune.allocation.budget import module_params
-from structprune.streaming import calibration_mode, capture_layer_inputs
-
-CPU = torch.device("cpu")
-
+from structprune.runtime.hooks import calibration_mode
+from structprune.runtime.stream import LayerStream
 
 def model_text(model, n: int, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
     """[n, seqlen] token windows sampled from `model` itself: on its own text the dense model is
@@ -48,11 +46,11 @@ def _measure(model, rule, keys, removed, n_calib=8, n_hold=4, batch=4, text=None
     try:
         with calibration_mode(model):
             calib, hold_ids = text or (windows(n_calib), windows(n_hold, seed=2))
-            hidden, calls = capture_layer_inputs(model, layers, calib, batch)
-            hold, _ = capture_layer_inputs(model, layers, hold_ids, batch)
+            stream = LayerStream.capture(model, layers, calib, batch)
+            hold = LayerStream.capture(model, layers, hold_ids, batch)
             counts.update(layer=0, head=0)
-            out = rule.measure(cfg, ad, model, lambda i: layers[i], hidden, calls, hold_ids, hold, keys, removed,
-                               CPU, torch.float32, progress=False)
+            out = rule.measure(cfg, ad, model, lambda i: layers[i], stream, hold, hold_ids, keys, removed,
+                               progress=False)
     finally:
         for h in handles:
             h.remove()
@@ -62,13 +60,13 @@ def _measure(model, rule, keys, removed, n_calib=8, n_hold=4, batch=4, text=None
 def test_taylor_terms():
     g = torch.tensor([[[1.0, 0.0], [0.5, 2.0]]])
     d = torch.tensor([[[2.0, 3.0], [2.0, -1.0]]])
-    first, second = sensitivity_linear.taylor_terms(g, d)  # dots 2 and -1
+    first, second = linear.taylor_terms(g, d)  # dots 2 and -1
     assert first == pytest.approx(1.0) and second == pytest.approx(0.5 * (4 + 1))
-    assert sensitivity_linear.taylor_increase(first, second, 5) == pytest.approx(3.5 / 5)
+    assert linear.taylor_increase(first, second, 5) == pytest.approx(3.5 / 5)
     with pytest.raises(ValueError, match="same shape"):
-        sensitivity_linear.taylor_terms(g, d[..., :1])
+        linear.taylor_terms(g, d[..., :1])
     with pytest.raises(ValueError, match="tokens"):
-        sensitivity_linear.taylor_increase(1.0, 1.0, 0)
+        linear.taylor_increase(1.0, 1.0, 0)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -80,9 +78,9 @@ def test_streamed_backward_equals_autograd_through_the_whole_model(family):
     layers = ad.decoder_layers(model)
     ids = windows(4, seed=2)
     with calibration_mode(model):
-        hold, calls = capture_layer_inputs(model, layers, ids, 2)
-        grads, nll, tokens = sensitivity_linear.output_gradients(ad, model, lambda i: layers[i], hold, calls, ids,
-                                                                 CPU, torch.float32, 2, progress=False)
+        hold = LayerStream.capture(model, layers, ids, 2)
+        grads, nll, tokens = linear.output_gradients(ad, model, lambda i: layers[i], hold, ids,
+                                                                 progress=False)
     outs = []
 
     def keep(_m, _a, out):
@@ -117,8 +115,8 @@ def test_linear_estimate_ranks_modules_like_the_exact_rule():
     keys = [(i, "mlp") for i in range(3)]
     removed = [0.3, 0.6]
     text = (model_text(model, 8, seed=0), model_text(model, 8, seed=1))
-    est, base_est, _, _ = _measure(model, sensitivity_linear, keys, removed, text=text)
-    ex, base_ex, _, _ = _measure(model, sensitivity, keys, removed, text=text)
+    est, base_est, _, _ = _measure(model, linear, keys, removed, text=text)
+    ex, base_ex, _, _ = _measure(model, exact, keys, removed, text=text)
     assert base_est == pytest.approx(base_ex, rel=1e-6)
     for j in range(len(removed)):
         e = [est[k][j][1] for k in keys]
@@ -132,7 +130,7 @@ def test_linear_estimate_ranks_modules_like_the_exact_rule():
 def test_keeping_every_unit_estimates_no_increase():
     model = tiny_model("llama")
     keys = [(i, k) for i in range(3) for k in ("attn", "mlp")]
-    curves, base, _, _ = _measure(model, sensitivity_linear, keys, [1e-9])
+    curves, base, _, _ = _measure(model, linear, keys, [1e-9])
     assert all(abs(c[0][1]) < 1e-4 * base for c in curves.values()), curves
 
 
@@ -152,8 +150,8 @@ def test_layer_forwards_grow_linearly_with_depth():
     for n in (2, 4, 8):
         keys = [(i, k) for i in range(n) for k in ("attn", "mlp")]
         model = _layers_model(n)
-        _, _, lin[n], head_lin = _measure(model, sensitivity_linear, keys, removed, n_calib=4, n_hold=2, batch=4)
-        _, _, exa[n], head_exa = _measure(model, sensitivity, keys, removed, n_calib=4, n_hold=2, batch=4)
+        _, _, lin[n], head_lin = _measure(model, linear, keys, removed, n_calib=4, n_hold=2, batch=4)
+        _, _, exa[n], head_exa = _measure(model, exact, keys, removed, n_calib=4, n_hold=2, batch=4)
         cands = len(removed) * 2
         assert lin[n] == (4 + cands) * n - 1
         assert head_lin == 2  # one forward (and backward) per held-back window

@@ -15,8 +15,8 @@ from .evaluate import perplexity
 from .loading import open_for_pruning
 from .pipeline import PruneResult, prune_model
 from .planning import needs_holdout
-from .source import LayerSource
-from .streaming import resolve_device
+from .runtime.source import LayerSource
+from .runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -122,7 +122,7 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 def dense_forward_seconds(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> float:
     """Time of one dense forward pass of the calibration set through the decoder (the reference)."""
-    from .streaming import calibration_mode
+    from .runtime.hooks import calibration_mode
 
     base = model.get_submodule("model") if hasattr(model, "model") else model
     t0 = time.perf_counter()
@@ -199,7 +199,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
     from .loading import load_model
     from .methods import method_config
     from .planning import needs_holdout
-    from .streaming import resolve_device
+    from .runtime.device import resolve_device
 
     _check_disjoint(settings)
     for name, value in settings.overrides.items():  # fail before loading anything

@@ -116,7 +116,7 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
 
     from . import api, distributed, io, preflight
     from .loading import load_model, open_for_pruning
-    from .streaming import resolve_device
+    from .runtime.device import resolve_device
 
     config = _config(args)
     evaluate = evaluate and distributed.rank() == 0  # under torchrun rank 0 evaluates; the others only prune
@@ -152,7 +152,7 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
             pruned_ppl = api.evaluate_perplexity(result.model, tok, **ev)
             result.plan.timing.update({"perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl})
         if sink is not None:
-            from .source import layers_prefix
+            from .runtime.source import layers_prefix
 
             sink.finish(result.model, result.plan, layers_prefix(result.model), tokenizer=tok)
         else:
@@ -206,7 +206,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from .harness import run_tasks
     from .loading import load_model
     from .modelfiles import check_model_spec
-    from .streaming import resolve_device
+    from .runtime.device import resolve_device
 
     preflight.check_device(args.device)
     check_model_spec(args.model)  # a missing or broken folder is named here, not taken for a hub id

@@ -195,7 +195,7 @@ def shard_windows(windows: torch.Tensor, holdout: torch.Tensor | None, batch: in
 
 def token_prefix(hidden: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
     """This rank's part of the single-process run's first batches holding >= `tokens` tokens
-    (`planning._token_prefix` over the whole calibration stream), so a prefix statistic is the
+    (`LayerStream.prefix` over the whole calibration stream), so a prefix statistic is the
     same sum as on one process. May be empty."""
     if _shard is None or not hidden:
         raise RuntimeError("token_prefix needs the shard of shard_windows; this is a bug, please report it")

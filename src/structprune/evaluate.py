@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .streaming import calibration_mode
+from .runtime.hooks import calibration_mode
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device | str = "cpu",

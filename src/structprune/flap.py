@@ -43,12 +43,10 @@ from .importance import column_scores
 from .pipeline import decoder_params, finish, open_output
 from .plan import LayerPlan, PrunePlan
 from .planning import dense_consumer_stats
-from .source import LayerSource, ModelSource, layers_prefix
-from .streaming import (
-    calibration_mode,
-    capture_layer_inputs,
-    resolve_device,
-)
+from .runtime.device import resolve_device
+from .runtime.hooks import calibration_mode
+from .runtime.source import LayerSource, ModelSource, layers_prefix
+from .runtime.stream import LayerStream, device_batch
 from .surgery import get_bias, get_weight, head_columns
 
 log = logging.getLogger(__name__)
@@ -106,15 +104,15 @@ def compensation(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor
 
 # --- plumbing ---------------------------------------------------------------------------------
 
-def fluctuation_pass(adapter: Adapter, source: LayerSource, hidden: list[torch.Tensor], calls: list[tuple],
-                     config: PruneConfig, device: torch.device, dtype: torch.dtype,
+def fluctuation_pass(adapter: Adapter, source: LayerSource, stream: LayerStream, config: PruneConfig,
                      progress: bool = True) -> list[LayerFluctuation]:
-    """Stream the dense model one layer at a time over the calibration hidden states and
-    collect every layer's column metrics and input means (dense stream throughout)."""
+    """Stream the dense model one layer at a time over `stream` (the layer-0 inputs of the
+    calibration windows) and collect every layer's column metrics and input means (dense stream
+    throughout)."""
     gen = torch.Generator().manual_seed(config.seed)
     out: list[LayerFluctuation] = []
-    for _, layer, acc_o, acc_d, _ in dense_consumer_stats(adapter, source.layer, hidden, calls, device, dtype,
-                                                       desc="flap: fluctuation", progress=progress):
+    for _, layer, acc_o, acc_d, _ in dense_consumer_stats(adapter, source.layer, stream, desc="flap: fluctuation",
+                                                       progress=progress):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         attn = column_scores(config.scorer, get_weight(o), acc_o, gen)
         out.append(LayerFluctuation(attn=attn * attn if config.flap_square_attention else attn,
@@ -165,11 +163,12 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     hd = adapter.head_dim
     dense_params = decoder_params(adapter)
 
-    windows, _ = distributed.shard_windows(windows, None, config.batch_size)  # torchrun: this rank's windows
+    batch = device_batch(config, windows.shape[1])
+    windows, _ = distributed.shard_windows(windows, None, batch)  # torchrun: this rank's windows
     with calibration_mode(out):
-        hidden, calls = capture_layer_inputs(out, layers, windows, config.batch_size)
-        stats = fluctuation_pass(adapter, source, hidden, calls, config, device, dtype, progress)
-    del hidden
+        stream = LayerStream.capture(out, layers, windows, batch, device, dtype)
+        stats = fluctuation_pass(adapter, source, stream, config, progress)
+    del stream
     t_scores = time.perf_counter() - t0
     heads, neurons = unit_scores([s.attn for s in stats], [s.mlp for s in stats], hd, config.flap_standardise)
     selections, info = global_selection(heads, neurons, adapter, config.sparsity, config.prune_attention,

@@ -41,7 +41,7 @@ from .config import PruneConfig
 from .pipeline import clean_copy, decoder_linear_params, finish, total_params
 from .plan import LayerPlan, PrunePlan
 from .selection import select_heads
-from .streaming import resolve_device
+from .runtime.device import resolve_device
 from .surgery import get_weight
 
 log = logging.getLogger(__name__)

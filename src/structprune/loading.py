@@ -115,7 +115,7 @@ def open_for_pruning(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
 
     from .arch import get_adapter
     from .io import is_pruned_folder
-    from .source import SafetensorsSource
+    from .runtime.source import SafetensorsSource
 
     path = Path(os.path.expanduser(spec))
     has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()

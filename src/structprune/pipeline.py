@@ -9,8 +9,6 @@ host: the dense model's hidden states (targets) and the pruned model's (inputs).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -26,24 +24,14 @@ from . import distributed, sensitivity
 from .allocation.budget import Budget, check_reachable, module_params, planned_shapes
 from .arch import Adapter, get_adapter
 from .config import PruneConfig
-from .importance import column_scores, unit_scores
+from .layer_pruner import LayerPruner
 from .plan import LayerPlan, PrunePlan
 from .planning import Allocation, allocate, needs_holdout
-from .reconstruct.lstsq import refit_consumer, refit_to_target
-from .selection import neuron_count, obs_select_columns, obs_unit_costs, select_heads, select_neurons
-from .source import LayerSource, ModelSource, layers_prefix, skeleton
-from .stats import GramAccumulator
-from .streaming import (
-    _StopForward,
-    calibration_mode,
-    capture_input,
-    capture_layer_inputs,
-    device_copy,
-    resolve_device,
-    run_layer,
-    to_device,
-)
-from .surgery import get_bias, get_weight, head_columns, set_weight
+from .runtime.device import resolve_device
+from .runtime.hooks import calibration_mode
+from .runtime.resume import replay_layer, run_fingerprint
+from .runtime.source import LayerSource, ModelSource, layers_prefix, skeleton
+from .runtime.stream import LayerStream, device_batch
 
 log = logging.getLogger(__name__)
 
@@ -107,298 +95,6 @@ def finish(source_config: Any, out: nn.Module, adapter: Adapter, config: PruneCo
     return out.eval(), plan
 
 
-class LayerPruner:
-    """Prunes one decoder layer on the compute device. Holds nothing between layers."""
-
-    def __init__(self, config: PruneConfig, adapter: Adapter, device: torch.device, dtype: torch.dtype,
-                 gen: torch.Generator) -> None:
-        self.config = config
-        self.adapter = adapter
-        self.device = device
-        self.dtype = dtype
-        self.gen = gen
-
-    def _stats(self, dense: nn.Module, pruned: nn.Module, consumer: Callable[[nn.Module], nn.Module],
-               xd: list[torch.Tensor] | None, xp: list[torch.Tensor], call: tuple, want_dense_out: bool,
-               shared_prefix: bool, block_io: bool = False, cross: bool = True, residual: bool = False
-               ) -> tuple[GramAccumulator, list[torch.Tensor] | None, tuple[list[torch.Tensor], list[torch.Tensor]],
-                          tuple[torch.Tensor, float] | None]:
-        """Gram statistics of `consumer`'s input on both streams; optionally the dense layer outputs.
-
-        shared_prefix: the pruned layer is still identical to the dense one up to `consumer`, so
-        when both streams hold the same tensor the dense run can be skipped.
-        cross: the dense stream's consumer inputs enter the statistics (target "dense"); without
-        it the statistics are single-stream and the dense stream only gives the layer outputs.
-        residual: also the sums of the residual target (`_residual_sums`; needs want_dense_out): the
-        pruned run then goes through the whole layer instead of stopping at `consumer`."""
-        n = get_weight(consumer(pruned)).shape[1]
-        acc = GramAccumulator(n, device=self.device, full=self.config.reconstruction != "none"
-                              or self.config.selection == "obs")
-        dense_out: list[torch.Tensor] | None = [] if want_dense_out else None
-        block_in: list[torch.Tensor] = []
-        block_out: list[torch.Tensor] = []
-        producer = self.adapter.mlp_producers(pruned)[0]
-        target: tuple[torch.Tensor, float] | None = None
-        for b in range(len(xp)):
-            sink_p: list[torch.Tensor] = []
-            sink_in: list[torch.Tensor] = []
-            sink_c: list[torch.Tensor] = []
-            last = (_capture_output(consumer(pruned), sink_c, stop=False) if residual
-                    else _stop_after(consumer(pruned)))
-            with capture_input(consumer(pruned), sink_p), last, capture_input(producer, sink_in if block_io else []):
-                if residual:
-                    with torch.no_grad():
-                        out_p = run_layer(pruned, xp[b].to(self.device, self.dtype), call)
-                else:
-                    _safe_run(pruned, xp[b].to(self.device, self.dtype), call)
-            if block_io:
-                block_in.append(sink_in[0].reshape(-1, sink_in[0].shape[-1]).float().cpu())
-            x_d = None  # None: the target is the dense weights applied to the pruned input
-            if xd is not None and (want_dense_out or not (shared_prefix and xd[b] is xp[b])):
-                sink_d: list[torch.Tensor] = []
-                with capture_input(consumer(dense), sink_d):
-                    if want_dense_out:
-                        out = run_layer(dense, xd[b].to(self.device, self.dtype), call)
-                        dense_out.append(out.float().cpu())
-                    else:
-                        with _stop_after(consumer(dense)):
-                            _safe_run(dense, xd[b].to(self.device, self.dtype), call)
-                x_d = sink_d[0]
-            if residual:
-                part = _residual_sums(sink_p[0], sink_c[0], out_p, dense_out[-1])
-                target = part if target is None else (target[0] + part[0], target[1] + part[1])
-                del out_p
-            x_d = x_d if cross else None
-            acc.add_batch(sink_p[0], x_d)
-            if block_io:
-                with torch.no_grad():
-                    y = consumer(dense)(sink_p[0] if x_d is None else x_d)
-                block_out.append(y.reshape(-1, y.shape[-1]).float().cpu())
-        distributed.reduce_gram(acc)  # sharded calibration: every rank now holds the sums over all tokens
-        target = distributed.reduce_target(target)
-        return acc, dense_out, (block_in, block_out), target
-
-    def _refit(self, module: nn.Module, dense_module: nn.Module, stats: GramAccumulator,
-               keep_cols: torch.Tensor, target: tuple[torch.Tensor, float] | None = None) -> dict[str, float]:
-        """Set `module` (already sliced) to the re-fit of the dense consumer on `keep_cols`; with
-        `target` (the residual target's sums from `_stats`) towards that target (`refit_to_target`)."""
-        if self.config.reconstruction == "none":  # slicing already done; no statistics for errors
-            return {}
-        # the dense module may be the host layer itself (see prune): read in the run dtype, never modified
-        w, b = get_weight(dense_module).detach().to(self.device, self.dtype), get_bias(dense_module)
-        b = None if b is None else b.detach().to(self.device, self.dtype)
-        # the statistics serve one re-fit: their Gram is freed inside it, before the factorisation
-        if target is None:
-            new_w, new_b, errors = refit_consumer(w, b, stats, keep_cols, self.config.damp, release=True)
-        else:
-            new_w, new_b, errors = refit_to_target(w, b, stats, target[0], target[1], keep_cols, self.config.damp,
-                                                   self.config.target_mix, release=True)
-        set_weight(module, new_w, new_b)
-        return errors
-
-    def _admm(self, pruned: nn.Module, dense: nn.Module, keep: torch.Tensor, block_in: list[torch.Tensor],
-              block_out: list[torch.Tensor]) -> dict[str, Any]:
-        """Structured ADMM re-fit of the MLP block (producers and consumer) on the kept neurons."""
-        from .reconstruct.admm import admm_mlp
-
-        ad, cfg = self.adapter, self.config
-        x = torch.cat(block_in).to(self.device)
-        y = torch.cat(block_out).to(self.device)
-        prods = ad.mlp_producers(dense)
-        res = admm_mlp(x, y, [get_weight(m) for m in prods], [get_bias(m) for m in prods],
-                       get_weight(ad.down_proj(dense)), get_bias(ad.down_proj(dense)), keep,
-                       act=ad.mlp_activation(), gated=ad.gated, iters=cfg.admm_iters, alpha=cfg.admm_alpha,
-                       beta=cfg.admm_beta, gamma=cfg.admm_gamma, damp=cfg.damp, chunk_tokens=cfg.chunk_tokens,
-                       sgd_steps=cfg.admm_sgd_steps)
-        for m, w, b in zip(ad.mlp_producers(pruned), res.producers, res.producer_biases):
-            set_weight(m, w, b)
-        set_weight(ad.down_proj(pruned), res.consumer, res.consumer_bias)
-        first, best = res.history[0], res.history[max(res.best_iter, 0)]
-        if res.rejected:
-            log.warning("ADMM rejected %d of %d steps (objective rose); kept iterate %d", res.rejected,
-                        cfg.admm_iters, res.best_iter)
-        return {"admm_error_start": float(first["objective"]), "admm_error": float(best["objective"]),
-                "admm_best_iter": res.best_iter, "admm_rejected": res.rejected}
-
-    def _admm_attention(self, pruned: nn.Module, dense: nn.Module, xp: list[torch.Tensor], call: tuple
-                        ) -> dict[str, Any]:
-        """Alternate the value and output projections of the pruned attention block (reconstruct/attention.py)
-        towards the dense attention output on the same inputs. Targets live on the host."""
-        from .reconstruct.attention import alternate_attention
-
-        ad, cfg = self.adapter, self.config
-        o_d, o_p = ad.o_proj(dense), ad.o_proj(pruned)
-        targets = []
-        for x in xp:
-            sink: list[torch.Tensor] = []
-            with _capture_output(o_d, sink), torch.no_grad():
-                _safe_run(dense, x.to(self.device, self.dtype), call)
-            targets.append(sink[0].detach().float().cpu())
-        count = sum(t.numel() // t.shape[-1] for t in targets)
-
-        def forward(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-            sink_in: list[torch.Tensor] = []
-            sink_out: list[torch.Tensor] = []
-            with capture_input(o_p, sink_in), _capture_output(o_p, sink_out):
-                _safe_run(pruned, xp[b].to(self.device, self.dtype), call)
-            return sink_in[0], sink_out[0]
-
-        for p in pruned.parameters():  # gradients for the value projection only
-            p.requires_grad_(False)
-        value = ad.q_k_v(pruned)[2]
-        fit = alternate_attention(forward, targets, count, o_p, list(value.parameters()), cfg.admm_iters,
-                                  cfg.admm_attn_steps, cfg.damp, get_weight, get_bias, set_weight)
-        if fit.rejected:
-            log.warning("attention ADMM rejected %d of %d iterations (error rose); kept iterate %d", fit.rejected,
-                        cfg.admm_iters, fit.best_iter)
-        return {"admm_error_start": fit.history[0], "admm_error": fit.history[fit.best_iter],
-                "admm_best_iter": fit.best_iter, "admm_rejected": fit.rejected}
-
-    def prune(self, index: int, host_layer: nn.Module, xd: list[torch.Tensor] | None, xp: list[torch.Tensor],
-              call: tuple, budget: Budget, fixed: LayerPlan | None = None) -> tuple[nn.Module, LayerPlan, list[torch.Tensor] | None, list[torch.Tensor]]:
-        """Returns (pruned layer on the host, its plan, next dense stream, next pruned stream)."""
-        ad, cfg = self.adapter, self.config
-        call = to_device(call, self.device, self.dtype)
-        # One device copy of the layer (the one pruned). A second, dense copy only when the dense
-        # layer is run: a dense target stream or ADMM. Otherwise the re-fits read the dense consumer
-        # weights straight from the host layer.
-        run_dense = xd is not None or cfg.reconstruction == "admm"
-        dense = device_copy(host_layer, self.device, self.dtype) if run_dense else host_layer
-        pruned = device_copy(host_layer, self.device, self.dtype)
-        shape = ad.layer_shape(dense)
-        hd = ad.head_dim
-        recon: dict[str, Any] = {}
-
-        # attention: score query heads on o_proj, keep whole KV groups, re-fit o_proj
-        key = (index, "attn")
-        stats, _, _, _ = self._stats(dense, pruned, ad.o_proj, xd if cfg.target == "dense" else None, xp, call,
-                                     want_dense_out=False, shared_prefix=True)
-        head_scores = unit_scores(column_scores(cfg.scorer, get_weight(ad.o_proj(pruned)), stats, self.gen), hd)
-        target = budget.target(key)
-        if fixed is not None:  # replay a plan's masks (e.g. to compare re-fits on the same units)
-            keep_q, keep_kv = torch.tensor(fixed.kept_heads), torch.tensor(fixed.kept_kv_heads)
-        else:
-            choose_by = head_scores
-            if cfg.selection == "obs" and target < ad.attn_params(shape):
-                o = ad.o_proj(dense)
-                choose_by = obs_unit_costs(get_weight(o), stats.gram, hd, cfg.damp, get_bias(o))
-            keep_q, keep_kv = select_heads(choose_by, shape.num_kv_heads, target, ad.q_head_cost,
-                                           ad.kv_head_cost)
-        actual = keep_q.numel() * ad.q_head_cost + keep_kv.numel() * ad.kv_head_cost
-        budget.spent(key, target, actual)
-        if keep_q.numel() < shape.num_heads:
-            ad.slice_heads(pruned, keep_q, keep_kv)
-            recon["attn"] = self._refit(ad.o_proj(pruned), ad.o_proj(dense), stats, head_columns(keep_q, hd))
-            if cfg.reconstruction == "admm" and cfg.admm_attn_steps > 0:
-                recon["attn"].update(self._admm_attention(pruned, dense, xp, call))
-        del stats
-
-        # MLP: score neurons on the consumer, re-fit it; dense outputs become the next targets
-        key = (index, "mlp")
-        admm = cfg.reconstruction == "admm"
-        stats, dense_out, (block_in, block_out), residual = self._stats(
-            dense, pruned, ad.down_proj, xd, xp, call, want_dense_out=xd is not None, shared_prefix=False,
-            block_io=admm, cross=cfg.target == "dense", residual=cfg.target == "residual")
-        neuron_scores = column_scores(cfg.scorer, get_weight(ad.down_proj(pruned)), stats, self.gen)
-        target = budget.target(key)
-        if fixed is not None:
-            keep_n = torch.tensor(fixed.kept_neurons)
-        elif cfg.selection == "obs":
-            down = ad.down_proj(dense)
-            keep_n = obs_select_columns(get_weight(down), stats.gram,
-                                        neuron_count(target, ad.neuron_cost, shape.intermediate_size, cfg.round_to),
-                                        cfg.damp,
-                                        get_bias(down))
-        else:
-            keep_n = select_neurons(neuron_scores, target, ad.neuron_cost, cfg.round_to)
-        budget.spent(key, target, keep_n.numel() * ad.neuron_cost)
-        if keep_n.numel() < shape.intermediate_size or residual is not None:  # residual: every layer is re-fitted
-            ad.slice_neurons(pruned, keep_n)
-            recon["mlp"] = self._refit(ad.down_proj(pruned), ad.down_proj(dense), stats, keep_n, residual)
-            if admm:
-                recon["mlp"].update(self._admm(pruned, dense, keep_n, block_in, block_out))
-        del stats, block_in, block_out
-
-        next_p = [run_layer(pruned, x.to(self.device, self.dtype), call).float().cpu() for x in xp]
-        del dense
-        plan = LayerPlan(
-            index=index,
-            kept_heads=keep_q.tolist(),
-            kept_kv_heads=keep_kv.tolist(),
-            kept_neurons=keep_n.tolist(),
-            dense_shape=shape.to_dict(),
-            head_scores=head_scores.tolist(),
-            neuron_scores=neuron_scores.tolist(),
-            attn_keep_target=budget.keep[(index, "attn")],
-            mlp_keep_target=budget.keep[(index, "mlp")],
-            rule=cfg.allocation,
-            recon=recon,
-        )
-        return pruned.to("cpu"), plan, dense_out, next_p
-
-
-class _stop_after:
-    """Context manager: raise _StopForward right after `module` has seen its input."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.handle: Any = None
-
-    def __enter__(self) -> "_stop_after":
-        def hook(_m: nn.Module, _args: tuple) -> None:
-            raise _StopForward
-
-        self.handle = self.module.register_forward_pre_hook(hook)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
-
-
-class _capture_output:
-    """Context manager: append `module`'s output (graph kept) to `sink`; with `stop`, then stop the forward."""
-
-    def __init__(self, module: nn.Module, sink: list[torch.Tensor], stop: bool = True) -> None:
-        self.module, self.sink, self.stop = module, sink, stop
-        self.handle: Any = None
-
-    def __enter__(self) -> "_capture_output":
-        def hook(_m: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-            self.sink.append(output)
-            if self.stop:
-                raise _StopForward
-
-        self.handle = self.module.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
-
-
-def _residual_sums(x: torch.Tensor, consumer_out: torch.Tensor, layer_out: torch.Tensor,
-                   dense_layer_out: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """One batch's sums of the MLP consumer's residual target (`refit_to_target`).
-
-    For each token, t = (dense layer's output on the dense stream) - (pruned stream's residual before
-    the MLP), that residual being h_mid = layer_out - consumer_out on a run of the pruned layer whose
-    MLP is not yet sliced. A consumer that outputs t makes the layer's output equal the dense model's,
-    correcting the error the pruned layers before it left in the stream.
-    Returns (T = sum t [x, 1]^T [out, n+1] float64, sum ||t||^2)."""
-    d = layer_out.shape[-1]  # some families (OPT) run the MLP on flattened tokens
-    t = dense_layer_out.to(layer_out.device).reshape(-1, d).double() \
-        - (layer_out.reshape(-1, d) - consumer_out.reshape(-1, d)).double()
-    x = x.reshape(t.shape[0], -1).double()
-    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-    return t.T @ x, float((t * t).sum())
-
-
-def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:
-    try:
-        run_layer(layer, hidden, call)
-    except _StopForward:
-        pass
-
-
 def open_output(source: LayerSource, compensation: bool) -> tuple[nn.Module, Adapter, dict[str, bool]]:
     """The output skeleton and its adapter; with `compensation`, the family's config fields that
     give the consumer projections biases (returned, so dense layers can get zero biases too)."""
@@ -413,12 +109,6 @@ def decoder_params(adapter: Adapter) -> int:
     """Dense decoder linear weight parameters (attention + MLP of every layer)."""
     shape = adapter.dense_shape()
     return adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
-
-
-def device_batch(config: PruneConfig, seqlen: int) -> int:
-    """Calibration windows per device batch: at most `batch_size`, and at most `chunk_tokens`
-    tokens (never less than one window). The activations on the compute device scale with it."""
-    return max(1, min(config.batch_size, config.chunk_tokens // seqlen))
 
 
 def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
@@ -474,118 +164,128 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     resumable = sink is not None and hasattr(sink, "resume_state")
     fingerprint = run_fingerprint(source, config, windows, holdout, masks) if resumable else ""
     resumed = sink.resume_state(fingerprint) if resumable else None
-    windows, holdout = distributed.shard_windows(windows, holdout, device_batch(config, windows.shape[1]))
+    batch = device_batch(config, windows.shape[1])
+    windows, holdout = distributed.shard_windows(windows, holdout, batch)
 
     with calibration_mode(out):
-        hidden, calls = capture_layer_inputs(out, layers, windows, device_batch(config, windows.shape[1]))
+        stream = LayerStream.capture(out, layers, windows, batch, device, dtype)
         t_alloc = time.perf_counter()
-        if resumed is not None:  # the interrupted run's allocation, exactly
-            allocation = Allocation({(int(i), k): float(v) for i, k, v in resumed["allocation"]["keep"]},
-                                    resumed["allocation"]["info"])
-            gen.set_state(torch.tensor(resumed["rng"], dtype=torch.uint8))
-        elif masks is not None:
-            if len(masks.layers) != len(layers):
-                raise ValueError(f"masks plan has {len(masks.layers)} layers, the model {len(layers)}")
-            allocation = allocate(config.replace(allocation="uniform", rho=1.0), adapter, out, layers, dense_layer, hidden,
-                                  calls, None, device, dtype, progress)
-            allocation.info = {"rule": "replayed", "from": masks.allocation.get("rule")}
-        else:
-            rule = sensitivity.allocate if config.allocation == "sensitivity" else allocate
-            allocation = rule(config, adapter, out, layers, dense_layer, hidden, calls, holdout, device, dtype,
-                              progress)
+        allocation = _allocation(config, adapter, out, dense_layer, stream, holdout, masks, resumed, gen, progress)
         alloc_info = {**allocation.info, "seconds": time.perf_counter() - t_alloc}
         if sink is not None and sink.release and hasattr(sink, "release_rest"):
             sink.release_rest(out, prefix)  # embeddings and head: written now, not held through the loop
-        budget = Budget(allocation.keep, module_params(adapter), carry_into_mlp=config.prune_mlp,
-                         round_to=config.round_to)
-        # the output config for the planned shapes must save and reload: checked before the first layer
-        adapter.check_shapes([lp.shape for lp in masks.layers] if masks is not None
-                             else planned_shapes(adapter, allocation.keep, config.prune_mlp, config.round_to))
-        if config.target == "residual" and not adapter.mlp_adds_to_residual():
-            raise ValueError(f"target='residual' needs layers whose MLP output is added straight to the residual "
-                             f"stream; {source.config.model_type} normalises it first. Use target='local'")
-        xd: list[torch.Tensor] | None = hidden if config.target in ("dense", "residual") else None
-        xp = hidden
-        pruner = LayerPruner(config, adapter, device, dtype, gen)
-        plans: list[LayerPlan] = []
-        done = {} if resumed is None else {e["index"]: LayerPlan(**e) for e in resumed["layers"]}
-        saved_alloc = {"keep": [[i, k, v] for (i, k), v in allocation.keep.items()], "info": allocation.info}
-        bar = tqdm(range(len(layers)), desc="pruning", disable=not progress, unit="layer")
-        for i in bar:
-            if i in done:  # finished before an interruption: reload it and move both streams past it
-                bar.set_description(f"replaying layer {i}")
-                lp = done[i]
-                shard = sink.layer_state(i) if hasattr(sink, "layer_state") else sink.layer_path(i)
-                new_layer, xd_next, xp = _replay_layer(adapter, dense_layer(i), lp, shard, prefix, xd,
-                                                       xp, calls[i], device, dtype)
-                budget.replayed(i, len(lp.kept_heads) * adapter.q_head_cost + len(lp.kept_kv_heads) *
-                                adapter.kv_head_cost, len(lp.kept_neurons) * adapter.neuron_cost)
-            else:
-                bar.set_description(f"pruning layer {i}")
-                fixed = masks.layers[i] if masks is not None else None
-                new_layer, lp, xd_next, xp = pruner.prune(i, dense_layer(i), xd, xp, calls[i], budget, fixed)
-                lp.rule = _rule_label(alloc_info)
-                imp = alloc_info.get("importance", {})
-                lp.importance = {k: imp[f"{i}.{k}"] for k in ("attn", "mlp") if f"{i}.{k}" in imp}
-            layers[i] = new_layer
-            plans.append(lp)
-            if sink is not None:
-                if i not in done:
-                    sink.write_layer(i, prefix, new_layer)
-                    if resumable:
-                        sink.record(fingerprint, saved_alloc, [asdict(p) for p in plans], gen.get_state().tolist())
-                if sink.release:
-                    layers[i] = new_layer.to("meta")
-            xd = xd_next if xd is not None else None
-            log.info("layer %d: heads %d/%d kv %d/%d neurons %d/%d %s", i, len(lp.kept_heads),
-                     lp.dense_shape["num_heads"], len(lp.kept_kv_heads), lp.dense_shape["num_kv_heads"],
-                     len(lp.kept_neurons), lp.dense_shape["intermediate_size"],
-                     {k: {m: round(v, 5) for m, v in d.items()} for k, d in lp.recon.items()})
+        _check_output(config, adapter, allocation, masks)
+        loop = LayerLoop(config, adapter, layers, prefix, dense_layer, LayerPruner(config, adapter, device, dtype, gen),
+                         allocation, alloc_info, masks, sink, fingerprint if resumable else None, resumed)
+        plans = loop.run(stream, progress)
     return finish(source.config, out, adapter, config, plans, dense_params, total_dense, alloc_info,
                   {"prune_seconds": time.perf_counter() - t0})
 
 
-def run_fingerprint(source: LayerSource, config: PruneConfig, windows: torch.Tensor, holdout: torch.Tensor | None,
-                    masks: PrunePlan | None) -> str:
-    """Identity of a run for resuming: model (config and location), configuration (the device
-    aside), calibration and held-back windows, replayed masks."""
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in config.to_dict().items() if k != "device"}
-    model_cfg = source.config.to_dict() if hasattr(source.config, "to_dict") else {}
-    h.update(json.dumps([cfg, model_cfg, str(getattr(source, "folder", "")), str(source.dtype)], sort_keys=True, default=str).encode())
-    for t in (windows, holdout):
-        if t is not None:
-            h.update(t.cpu().contiguous().numpy().tobytes())
+def _allocation(config: PruneConfig, adapter: Adapter, out: nn.Module, dense_layer: Callable[[int], nn.Module],
+                stream: LayerStream, holdout: torch.Tensor | None, masks: PrunePlan | None,
+                resumed: dict[str, Any] | None, gen: torch.Generator, progress: bool) -> Allocation:
+    """The kept fraction of every module: an interrupted run's exactly (and its generator state),
+    the uniform rule for replayed masks, else config.allocation's rule."""
+    if resumed is not None:  # the interrupted run's allocation, exactly
+        gen.set_state(torch.tensor(resumed["rng"], dtype=torch.uint8))
+        return Allocation({(int(i), k): float(v) for i, k, v in resumed["allocation"]["keep"]},
+                          resumed["allocation"]["info"])
     if masks is not None:
-        h.update(json.dumps([lp.kept_neurons + lp.kept_heads for lp in masks.layers]).encode())
-    return h.hexdigest()
+        n = adapter.num_layers
+        if len(masks.layers) != n:
+            raise ValueError(f"masks plan has {len(masks.layers)} layers, the model {n}")
+        allocation = allocate(config.replace(allocation="uniform", rho=1.0), adapter, out, dense_layer, stream,
+                              None, progress)
+        allocation.info = {"rule": "replayed", "from": masks.allocation.get("rule")}
+        return allocation
+    rule = sensitivity.allocate if config.allocation == "sensitivity" else allocate
+    return rule(config, adapter, out, dense_layer, stream, holdout, progress)
 
 
-def _replay_layer(adapter: Adapter, host_layer: nn.Module, lp: LayerPlan, path: Any, prefix: str,
-                  xd: list[torch.Tensor] | None, xp: list[torch.Tensor], call: tuple, device: torch.device,
-                  dtype: torch.dtype) -> tuple[nn.Module, list[torch.Tensor] | None, list[torch.Tensor]]:
-    """A finished layer of an interrupted run: its dense copy sliced to the plan and loaded from
-    its shard; returns (layer on the host, next dense stream, next pruned stream) exactly as the
-    original run computed them."""
-    from safetensors.torch import load_file
+def _check_output(config: PruneConfig, adapter: Adapter, allocation: Allocation, masks: PrunePlan | None) -> None:
+    """Before the first layer: the output config for the planned shapes must save and reload, and
+    the residual target needs a family whose MLP adds straight to the residual stream."""
+    adapter.check_shapes([lp.shape for lp in masks.layers] if masks is not None
+                         else planned_shapes(adapter, allocation.keep, config.prune_mlp, config.round_to))
+    if config.target == "residual" and not adapter.mlp_adds_to_residual():
+        raise ValueError(f"target='residual' needs layers whose MLP output is added straight to the residual "
+                         f"stream; {adapter.config.model_type} normalises it first. Use target='local'")
 
-    layer = copy.deepcopy(host_layer)
-    dense = adapter.layer_shape(layer)
-    if (lp.shape.num_heads, lp.shape.num_kv_heads) != (dense.num_heads, dense.num_kv_heads):
-        adapter.slice_heads(layer, torch.tensor(lp.kept_heads), torch.tensor(lp.kept_kv_heads))
-    if lp.shape.intermediate_size != dense.intermediate_size:
-        adapter.slice_neurons(layer, torch.tensor(lp.kept_neurons))
-    head = f"{prefix}.{lp.index}."
-    state = path if isinstance(path, dict) else load_file(str(path))  # a dict: sent by rank 0 (distributed.py)
-    layer.load_state_dict({k[len(head):]: v for k, v in state.items()}, strict=True)
-    call = to_device(call, device, dtype)
-    run = device_copy(layer, device, dtype)
-    xp_next = [run_layer(run, x.to(device, dtype), call).float().cpu() for x in xp]
-    xd_next = None
-    if xd is not None:
-        ref = device_copy(host_layer, device, dtype)
-        xd_next = [run_layer(ref, x.to(device, dtype), call).float().cpu() for x in xd]
-    return layer, xd_next, xp_next
+
+@dataclass
+class LayerLoop:
+    """The sequential loop over decoder layers: each is pruned (or, resuming, replayed from its
+    shard) on the outputs of the already-pruned layers before it, written to the sink, and both
+    streams moved past it. Host: the output model's layers, both streams; device: one layer."""
+
+    config: PruneConfig
+    adapter: Adapter
+    layers: nn.ModuleList  # the output model's decoder layers (meta placeholders until pruned)
+    prefix: str
+    dense_layer: Callable[[int], nn.Module]
+    pruner: LayerPruner
+    allocation: Allocation
+    alloc_info: dict[str, Any]
+    masks: PrunePlan | None
+    sink: Any
+    fingerprint: str | None  # None: the sink does not record progress
+    resumed: dict[str, Any] | None
+
+    def run(self, stream: LayerStream, progress: bool) -> list[LayerPlan]:
+        """Prune every layer; `stream`: the layer-0 inputs of the calibration windows."""
+        cfg, ad = self.config, self.adapter
+        budget = Budget(self.allocation.keep, module_params(ad), carry_into_mlp=cfg.prune_mlp,
+                         round_to=cfg.round_to)
+        # the dense stream (targets) starts as the pruned one (inputs): layer 0 sees the same hidden states
+        xd: LayerStream | None = stream if cfg.target in ("dense", "residual") else None
+        xp = stream
+        done = {} if self.resumed is None else {e["index"]: LayerPlan(**e) for e in self.resumed["layers"]}
+        plans: list[LayerPlan] = []
+        bar = tqdm(range(len(self.layers)), desc="pruning", disable=not progress, unit="layer")
+        for i in bar:
+            if i in done:  # finished before an interruption: reload it and move both streams past it
+                bar.set_description(f"replaying layer {i}")
+                lp = done[i]
+                shard = self.sink.layer_state(i) if hasattr(self.sink, "layer_state") else self.sink.layer_path(i)
+                new_layer, xd_next, xp = replay_layer(ad, self.dense_layer(i), lp, shard, self.prefix, xd, xp)
+                budget.replayed(i, len(lp.kept_heads) * ad.q_head_cost + len(lp.kept_kv_heads) * ad.kv_head_cost,
+                                len(lp.kept_neurons) * ad.neuron_cost)
+            else:
+                bar.set_description(f"pruning layer {i}")
+                fixed = self.masks.layers[i] if self.masks is not None else None
+                new_layer, lp, xd_next, xp = self.pruner.prune(i, self.dense_layer(i), xd, xp, budget, fixed)
+                lp.rule = _rule_label(self.alloc_info)
+                imp = self.alloc_info.get("importance", {})
+                lp.importance = {k: imp[f"{i}.{k}"] for k in ("attn", "mlp") if f"{i}.{k}" in imp}
+            self.layers[i] = new_layer
+            plans.append(lp)
+            self._write(i, new_layer, plans, replayed=i in done)
+            xd = xd_next if xd is not None else None
+            _log_layer(lp)
+        return plans
+
+    def _write(self, i: int, layer: nn.Module, plans: list[LayerPlan], replayed: bool) -> None:
+        """Layer `i` to the sink (a replayed one is there already) with the run's progress; with a
+        releasing sink its placeholder goes back to the meta device."""
+        if self.sink is None:
+            return
+        if not replayed:
+            self.sink.write_layer(i, self.prefix, layer)
+            if self.fingerprint is not None:
+                saved = {"keep": [[j, k, v] for (j, k), v in self.allocation.keep.items()],
+                         "info": self.allocation.info}
+                self.sink.record(self.fingerprint, saved, [asdict(p) for p in plans],
+                                 self.pruner.gen.get_state().tolist())
+        if self.sink.release:
+            self.layers[i] = layer.to("meta")
+
+
+def _log_layer(lp: LayerPlan) -> None:
+    log.info("layer %d: heads %d/%d kv %d/%d neurons %d/%d %s", lp.index, len(lp.kept_heads),
+             lp.dense_shape["num_heads"], len(lp.kept_kv_heads), lp.dense_shape["num_kv_heads"],
+             len(lp.kept_neurons), lp.dense_shape["intermediate_size"],
+             {k: {m: round(v, 5) for m, v in d.items()} for k, d in lp.recon.items()})
 
 
 def _rule_label(info: dict[str, Any]) -> str:

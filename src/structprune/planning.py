@@ -24,17 +24,11 @@ from tqdm.auto import tqdm
 from . import allocation as alloc
 from . import distributed
 from .allocation.budget import Key, keep_sets, module_params, prunable_keys, prunable_sparsity
-from .arch import Adapter
+from .arch import Adapter, get_adapter
 from .config import PruneConfig, temperature_value
 from .importance import column_scores, unit_scores
+from .runtime.stream import LayerStream
 from .stats import GramAccumulator
-from .streaming import (
-    capture_input,
-    capture_layer_inputs,
-    device_copy,
-    run_layer,
-    to_device,
-)
 from .surgery import get_bias, get_weight, head_columns
 
 log = logging.getLogger(__name__)
@@ -63,34 +57,27 @@ class Allocation:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, hidden: list[torch.Tensor],
-                         calls: list[tuple], device: torch.device, dtype: torch.dtype, full: bool = False,
+def dense_consumer_stats(adapter: Adapter, dense_layer: DenseLayer, stream: LayerStream, full: bool = False,
                          desc: str = "statistics", progress: bool = True
                          ) -> Iterator[tuple[int, nn.Module, GramAccumulator, GramAccumulator,
                                              tuple[float, float]]]:
-    """Stream the DENSE model one layer at a time over `hidden` (the layer-0 inputs) and yield
+    """Stream the DENSE model one layer at a time over `stream` (the layer-0 inputs) and yield
     (index, layer on the device, o_proj input statistics, down_proj input statistics, (RMS of the
     layer's input hidden states, median over tokens of each token's RMS)); full=True also keeps
     the Gram matrices. One layer is on the device at a time; its outputs feed the next."""
-    xs = hidden
     for i in tqdm(range(adapter.num_layers), desc=desc, disable=not progress, unit="layer"):
-        layer = device_copy(dense_layer(i), device, dtype)
-        call = to_device(calls[i], device, dtype)
+        layer = stream.onload(dense_layer(i))
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
-        acc_o = GramAccumulator(get_weight(o).shape[1], device, full=full)
-        acc_d = GramAccumulator(get_weight(down).shape[1], device, full=full)
-        nxt = []
+        acc_o = GramAccumulator(get_weight(o).shape[1], stream.device, full=full)
+        acc_d = GramAccumulator(get_weight(down).shape[1], stream.device, full=full)
         token_ms = []  # each token's mean square over the hidden size
-        for x in xs:
+
+        def visit(_b: int, x: torch.Tensor, inputs: list[list[torch.Tensor]]) -> None:
             token_ms.append(x.double().pow(2).mean(-1).flatten())
-            so: list[torch.Tensor] = []
-            sd: list[torch.Tensor] = []
-            with capture_input(o, so), capture_input(down, sd):
-                y = run_layer(layer, x.to(device, dtype), call)
-            acc_o.add_batch(so[0])
-            acc_d.add_batch(sd[0])
-            nxt.append(y.float().cpu())
-        xs = nxt
+            acc_o.add_batch(inputs[0][0])
+            acc_d.add_batch(inputs[1][0])
+
+        stream = stream.run(layer, i, capture=(o, down), visit=visit)
         distributed.reduce_gram(acc_o)  # sharded calibration: sums over every rank's tokens
         distributed.reduce_gram(acc_d)
         ms = distributed.gather_cat(torch.cat(token_ms) if token_ms else torch.zeros(0, dtype=torch.float64))
@@ -113,16 +100,14 @@ def layer_scores(config: PruneConfig, adapter: Adapter, layer: nn.Module, acc_o:
     )
 
 
-def importance_pass(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer, adapter: Adapter,
-                    hidden: list[torch.Tensor],
-                    calls: list[tuple], config: PruneConfig, device: torch.device, dtype: torch.dtype,
+def importance_pass(dense_layer: DenseLayer, adapter: Adapter, stream: LayerStream, config: PruneConfig,
                     closed_form: bool, progress: bool = True) -> list[LayerScores]:
     """Score every unit of every layer on the dense stream (one dense forward per layer)."""
     gen = torch.Generator().manual_seed(config.seed)
     out: list[LayerScores] = []
     hd = adapter.head_dim
     for _, layer, acc_o, acc_d, stream in dense_consumer_stats(
-            adapter, dense_layer, hidden, calls, device, dtype, full=closed_form, desc="importance", progress=progress):
+            adapter, dense_layer, stream, full=closed_form, desc="importance", progress=progress):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         scores = layer_scores(config, adapter, layer, acc_o, acc_d, gen, stream)
         if closed_form:
@@ -138,20 +123,17 @@ def _cf(module: nn.Module, acc: GramAccumulator, cols: list[torch.Tensor]) -> to
         cols, d=1.0, has_bias=get_bias(module) is not None).float()
 
 
-def masked_loss(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer, adapter: Adapter,
-                holdout: torch.Tensor,
-                hidden: list[torch.Tensor], calls: list[tuple], scores: list[LayerScores], keep: dict[Key, float],
-                device: torch.device, dtype: torch.dtype, batch_size: int) -> float:
-    """Mean next-token NLL on `holdout` of the dense model with the would-be-removed units masked.
+def masked_loss(model: nn.Module, dense_layer: DenseLayer, adapter: Adapter, holdout: torch.Tensor,
+                hold: LayerStream, scores: list[LayerScores], keep: dict[Key, float]) -> float:
+    """Mean next-token NLL on `holdout` of the dense model with the would-be-removed units masked;
+    `hold`: the layer-0 inputs of `holdout`.
 
     Streamed: one decoder layer on the device at a time; then the model's final norm and head.
     """
     hd = adapter.head_dim
-    xs = hidden
-    for i in range(len(layers)):
+    for i in range(adapter.num_layers):
         q, _, n = keep_sets(adapter, scores[i], keep[(i, "attn")], keep[(i, "mlp")])
-        layer = device_copy(dense_layer(i), device, dtype)
-        call = to_device(calls[i], device, dtype)
+        layer = hold.onload(dense_layer(i))
         with torch.no_grad():
             w_o = get_weight(adapter.o_proj(layer))
             drop = torch.ones(w_o.shape[1], dtype=torch.bool)
@@ -161,21 +143,20 @@ def masked_loss(model: nn.Module, layers: nn.ModuleList, dense_layer: DenseLayer
             drop = torch.ones(w_d.shape[1], dtype=torch.bool)
             drop[n] = False
             w_d[:, drop.to(w_d.device)] = 0
-            xs = [run_layer(layer, x.to(device, dtype), call).float().cpu() for x in xs]
+            hold = hold.run(layer, i)
         del layer
-    return holdout_nll(model, adapter, holdout, xs, dtype, batch_size)
+    return holdout_nll(model, adapter, holdout, hold)
 
 
-def holdout_nll(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, xs: list[torch.Tensor],
-                dtype: torch.dtype, batch_size: int) -> float:
+def holdout_nll(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, last: LayerStream) -> float:
     """Mean next-token NLL on `holdout` [windows, seqlen] from the last decoder layer's outputs
-    `xs` (batches of `batch_size` windows, in order) through the model's final norm and head."""
+    `last` (batches of `last.batch` windows, in order) through the model's final norm and head."""
     nll, count = 0.0, 0
-    for b, x in enumerate(xs):
-        ids = holdout[b * batch_size : (b + 1) * batch_size]
+    for b, x in enumerate(last):
+        ids = holdout[b * last.batch : (b + 1) * last.batch]
         for j in range(x.shape[0]):  # one window's full-vocabulary logits at a time (host memory)
             with torch.no_grad():
-                logits = adapter.logits(model, x[j:j + 1].to(dtype)).float()[0, :-1]
+                logits = adapter.logits(model, x[j:j + 1].to(last.dtype)).float()[0, :-1]
                 nll += float(nn.functional.cross_entropy(logits, ids[j, 1:], reduction="sum"))
             count += ids[j, 1:].numel()
     nll, count = distributed.reduce_sums(nll, count)  # sharded held-back windows: sums over every rank
@@ -199,23 +180,19 @@ RHO_CANDIDATES = (0.0, 0.5, 1.0)
 RHO_SEARCH_TOKENS = 16 * 512  # calibration tokens that score units for the uniform rule's rho search
 
 
-def _token_prefix(hidden: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
-    """The first batches of the calibration stream holding at least `tokens` tokens (all if fewer)."""
-    if distributed.active():  # this rank's part of that prefix of the whole (sharded) stream
-        return distributed.token_prefix(hidden, tokens)
-    out, have = [], 0
-    for x in hidden:
-        if have >= tokens:
-            break
-        out.append(x)
-        have += x.shape[0] * x.shape[1]
-    return out
+def capture_holdout(model: nn.Module, stream: LayerStream, holdout: torch.Tensor) -> LayerStream:
+    """The layer-0 inputs of the held-back windows, batched like `stream` (none on an empty shard)."""
+    if not len(holdout):
+        return stream.empty()
+    layers = get_adapter(model.config).decoder_layers(model)
+    return LayerStream.capture(model, layers, holdout, stream.batch, stream.device, stream.dtype)
 
 
-def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn.ModuleList,
-             dense_layer: DenseLayer, hidden: list[torch.Tensor], calls: list[tuple], holdout: torch.Tensor | None,
-             device: torch.device, dtype: torch.dtype, progress: bool = True) -> Allocation:
-    """Kept fraction per module for config.allocation (see module docstring)."""
+def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer: DenseLayer, stream: LayerStream,
+             holdout: torch.Tensor | None, progress: bool = True) -> Allocation:
+    """Kept fraction per module for config.allocation (see module docstring). `model`: the output
+    skeleton (embeddings and head; its decoder layers are not run), `stream`: the layer-0 inputs of
+    the calibration windows, `holdout`: held-back windows for the searches."""
     if config.allocation == "flap":
         raise ValueError("allocation='flap' is not a layer-pipeline rule; structprune.prune runs it through flap.py")
     params = module_params(adapter)
@@ -235,9 +212,8 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
     # The uniform rule's rho search uses the scores only to mask units in its proxy: a prefix of
     # the calibration stream (RHO_SEARCH_TOKENS) ranks them well enough and keeps the search cheap
     # on large calibration sets. The adaptive rules compare layers by them: the whole stream.
-    scored = _token_prefix(hidden, RHO_SEARCH_TOKENS) if config.allocation == "uniform" else hidden
-    scores = importance_pass(model, layers, dense_layer, adapter, scored, calls, config, device, dtype, closed,
-                             progress)
+    scored = stream.prefix(RHO_SEARCH_TOKENS) if config.allocation == "uniform" else stream
+    scores = importance_pass(dense_layer, adapter, scored, config, closed, progress)
     max_s = config.max_layer_sparsity
     if closed:
         unit = [scores[i].heads_cf if k == "attn" else scores[i].neurons_cf for i, k in keys]
@@ -246,11 +222,11 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         keep.update(zip(keys, kept))
         return Allocation(keep, info)
 
-    hold_hidden: list[torch.Tensor] = []
+    hold = stream.empty()
     if needs_holdout(config):  # layer-0 inputs of the held-back windows, shared by the rho and T searches
         if holdout is None:
             raise ValueError("rho='auto' and temperature='auto' need held-back calibration windows")
-        hold_hidden = capture_layer_inputs(model, layers, holdout, config.batch_size)[0] if len(holdout) else []
+        hold = capture_holdout(model, stream, holdout)
     rho_auto = needs_rho_search(config)
     if rho_auto:  # choose the attention/MLP split on held-back data, equal ratios over depth
         table = []
@@ -261,8 +237,7 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
                 continue
             k = dict(keep)
             k.update(zip(keys, kept))
-            loss = masked_loss(model, layers, dense_layer, adapter, holdout, hold_hidden, calls, scores, k, device,
-                               dtype, config.batch_size)
+            loss = masked_loss(model, dense_layer, adapter, holdout, hold, scores, k)
             log.info("rho %.2f: held-back calibration loss %.4f", rho, loss)
             table.append((loss, rho, kept))
         if not table:
@@ -303,8 +278,7 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
         def proxy(t: float) -> float:
             k = dict(keep)
             k.update(zip(keys, rule(t)))
-            loss = masked_loss(model, layers, dense_layer, adapter, holdout, hold_hidden, calls, scores, k, device,
-                               dtype, config.batch_size)
+            loss = masked_loss(model, dense_layer, adapter, holdout, hold, scores, k)
             bar.update(1)
             log.debug("temperature %.4g (%.3g x scale): held-back calibration loss %.4f", t, t / scale, loss)
             return loss

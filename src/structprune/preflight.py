@@ -50,7 +50,7 @@ def check_seed(seed: int) -> None:
 
 
 def check_device(name: str) -> torch.device:
-    from .streaming import resolve_device
+    from .runtime.device import resolve_device
 
     try:
         return resolve_device(name)

@@ -74,6 +74,8 @@ class Adapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     gated: ClassVar[bool] = False  # MLP is act(gate x) * (up x)
+    # attributes of a decoder layer that the model's forward reads (e.g. to choose a sliding mask)
+    layer_attribute_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -82,6 +84,11 @@ class Adapter:
         """True when the layer's output is its residual stream plus the MLP consumer's output
         (pre-norm layers), so the consumer can be fitted to a residual-stream target."""
         return True
+
+    def layer_attributes(self, layer: nn.Module) -> dict[str, Any]:
+        """The `layer_attribute_names` this decoder layer has, with their values (a stand-in for
+        the layer must carry them, see runtime/stream.py)."""
+        return {name: getattr(layer, name) for name in self.layer_attribute_names if hasattr(layer, name)}
 
     # --- sizes from the config (the dense model) -------------------------------------------
     @property

@@ -26,6 +26,7 @@ _GGUF_MISSING = {"qwen3": "per-head Q/K RMS norms (q_norm, k_norm)",
 @register
 class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
+    layer_attribute_names = ("attention_type", "layer_type", "is_sliding")  # sliding-window layers (Mistral, Gemma)
     gated = True
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

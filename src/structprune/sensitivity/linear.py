@@ -4,7 +4,7 @@ The exact rule (sensitivity.py) pushes every re-fitted candidate through every l
 layer and the head: len(fractions) x kinds x L(L+1)/2 held-back layer forwards and one
 full-vocabulary head pass per candidate. Here each candidate is still the dense layer with the
 module's lowest-scoring units removed and its consumer re-fitted on the calibration Gram (the
-same `sensitivity._candidate`), and it is still scored in units of held-back NLL, but its effect
+same `candidates.candidate`), and it is still scored in units of held-back NLL, but its effect
 on the loss is estimated from its own output change instead of being propagated:
 
     delta_t = candidate(x_t) - dense(x_t)        (layer output, held-back token t, dense input x)
@@ -44,13 +44,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .allocation.budget import Key
-from .arch import Adapter
-from .config import PruneConfig
-from .planning import DenseLayer, dense_consumer_stats, layer_scores
-from .sensitivity import _candidate
-from .streaming import device_copy, run_layer, to_device
+from .. import distributed
+from ..arch import Adapter
+from ..config import PruneConfig
+from ..allocation.budget import Key
+from ..planning import DenseLayer
+from ..runtime.hooks import run_layer
+from ..runtime.stream import LayerStream
+from .candidates import layer_candidates
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +77,20 @@ def taylor_increase(first: float, second: float, tokens: int) -> float:
 
 
 # --------------------------------------------------------------------------- plumbing
-def head_gradient(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, xs: list[torch.Tensor],
-                  dtype: torch.dtype, batch_size: int) -> tuple[list[torch.Tensor], float, int]:
+def head_gradient(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, last: LayerStream
+                  ) -> tuple[list[torch.Tensor], float, int]:
     """Gradient of the summed next-token NLL of `holdout` [windows, seqlen] with respect to the
-    last decoder layer's outputs `xs` (batches of `batch_size` windows); returns (gradients, one
+    last decoder layer's outputs `last` (batches of `last.batch` windows); returns (gradients, one
     float32 host tensor per batch, summed NLL, predicted tokens; the two sums over every rank when
     the held-back windows are sharded). The head runs on the host like
     `planning.holdout_nll`, one window's full-vocabulary logits at a time; no parameter gradient."""
     grads, nll, count = [], 0.0, 0
-    for b, x in enumerate(xs):
-        ids = holdout[b * batch_size:(b + 1) * batch_size]
+    for b, x in enumerate(last):
+        ids = holdout[b * last.batch:(b + 1) * last.batch]
         g = torch.zeros_like(x, dtype=torch.float32)
         for j in range(x.shape[0]):
             with torch.enable_grad():
-                h = x[j:j + 1].to(dtype).detach().requires_grad_(True)
+                h = x[j:j + 1].to(last.dtype).detach().requires_grad_(True)
                 logits = adapter.logits(model, h).float()[0, :-1]
                 loss = nn.functional.cross_entropy(logits, ids[j, 1:], reduction="sum")
                 (gh,) = torch.autograd.grad(loss, h)
@@ -101,85 +102,66 @@ def head_gradient(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, xs:
     return grads, nll, int(count)
 
 
-def output_gradients(adapter: Adapter, model: nn.Module, dense_layer: DenseLayer, hold: list[torch.Tensor],
-                     calls: list[tuple], holdout: torch.Tensor, device: torch.device, dtype: torch.dtype,
-                     batch_size: int, progress: bool = True) -> tuple[list[list[torch.Tensor]], float, int]:
+def output_gradients(adapter: Adapter, model: nn.Module, dense_layer: DenseLayer, hold: LayerStream,
+                     holdout: torch.Tensor, progress: bool = True) -> tuple[list[list[torch.Tensor]], float, int]:
     """grads[i]: gradient of the summed held-back NLL with respect to decoder layer i's output
     (one float32 host tensor per batch of `hold`, the layer-0 inputs of `holdout`), the dense
     summed NLL and the number of predicted tokens; the streamed backward pass of the module
     docstring (one layer on the device at a time)."""
     n_layers = adapter.num_layers
-    xs: list[list[torch.Tensor] | None] = [hold]
+    xs: list[LayerStream | None] = [hold]
     for i in tqdm(range(n_layers), desc="held-back forward", disable=not progress, unit="layer"):
-        layer = device_copy(dense_layer(i), device, dtype)
-        call = to_device(calls[i], device, dtype)
+        layer = hold.onload(dense_layer(i))
         with torch.no_grad():
-            xs.append([run_layer(layer, x.to(device, dtype), call).float().cpu() for x in xs[i]])
+            xs.append(xs[i].run(layer, i))
         del layer
-    g, nll, count = head_gradient(model, adapter, holdout, xs[n_layers], dtype, batch_size)
+    g, nll, count = head_gradient(model, adapter, holdout, xs[n_layers])
     xs[n_layers] = None
     grads: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     for i in tqdm(range(n_layers - 1, -1, -1), desc="held-back backward", disable=not progress, unit="layer"):
         grads[i] = g
         if i == 0:
             break
-        layer = device_copy(dense_layer(i), device, dtype)
-        for p in layer.parameters():
-            p.requires_grad_(False)
-        call = to_device(calls[i], device, dtype)
-        nxt = []
-        for x, gb in zip(xs[i], g):
-            with torch.enable_grad():
-                xin = x.to(device, dtype).requires_grad_(True)
-                y = run_layer(layer, xin, call)
-                (gx,) = torch.autograd.grad(y, xin, grad_outputs=gb.to(device, y.dtype))
-            nxt.append(gx.float().cpu())
-        g = nxt
+        g = _layer_backward(hold.onload(dense_layer(i)), xs[i], i, g)
         xs[i] = None
-        del layer
     return grads, nll, count
 
 
-def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer: DenseLayer,
-            hidden: list[torch.Tensor], calls: list[tuple], holdout: torch.Tensor, hold: list[torch.Tensor],
-            keys: list[Key], removed: list[float], device: torch.device, dtype: torch.dtype,
+def _layer_backward(layer: nn.Module, inputs: LayerStream, index: int, grad_out: list[torch.Tensor]
+                    ) -> list[torch.Tensor]:
+    """The gradient at the input of `layer` (on the device; decoder layer `index`) from the gradient at
+    its output, batch by batch, recomputing the forward; no parameter gradient. Host float32."""
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    call = inputs.call(index)
+    out = []
+    for x, gb in zip(inputs, grad_out):
+        with torch.enable_grad():
+            xin = x.to(inputs.device, inputs.dtype).requires_grad_(True)
+            y = run_layer(layer, xin, call)
+            (gx,) = torch.autograd.grad(y, xin, grad_outputs=gb.to(inputs.device, y.dtype))
+        out.append(gx.float().cpu())
+    return out
+
+
+def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer: DenseLayer, calib: LayerStream,
+            hold: LayerStream, holdout: torch.Tensor, keys: list[Key], removed: list[float],
             progress: bool = True) -> tuple[dict[Key, list[tuple[float, float]]], float, dict[str, Any]]:
     """Estimated loss-increase curves {module: [(removed fraction, held-back NLL increase)]}, the
     dense model's held-back NLL and the terms behind them ({"i.kind": [[fraction, first-order
-    term, second-order term]]}, per predicted token); arguments as `sensitivity.measure`."""
-    gen = torch.Generator().manual_seed(config.seed)
-    n_layers = adapter.num_layers
-    kinds_at = {i: [k for j, k in keys if j == i] for i in range(n_layers)}
-    grads, nll, tokens = output_gradients(adapter, model, dense_layer, hold, calls, holdout, device, dtype,
-                                          config.batch_size, progress)
+    term, second-order term]]}, per predicted token); arguments as `exact.measure`."""
+    grads, nll, tokens = output_gradients(adapter, model, dense_layer, hold, holdout, progress)
     terms: dict[Key, list[tuple[float, float, float]]] = {}
     xh = hold
-    bar = tqdm(total=sum(len(v) for v in kinds_at.values()) * len(removed), desc="sensitivity (linear)",
-               disable=not progress, unit="module")
-    for i, layer, acc_o, acc_d, _ in dense_consumer_stats(adapter, dense_layer, hidden, calls, device, dtype,
-                                                          full=True, progress=False):
-        call = to_device(calls[i], device, dtype)
+    bar = tqdm(total=len(keys) * len(removed), desc="sensitivity (linear)", disable=not progress, unit="module")
+    for i, layer, cands in layer_candidates(config, adapter, dense_layer, calib, keys, removed):
         with torch.no_grad():
-            out = [run_layer(layer, x.to(device, dtype), call).float().cpu() for x in xh]
-            if kinds_at[i]:
-                scores = layer_scores(config, adapter, layer, acc_o, acc_d, gen)
-                for kind in kinds_at[i]:
-                    row = []
-                    for r in removed:
-                        cand = _candidate(adapter, layer, kind, scores, r, acc_o if kind == "attn" else acc_d,
-                                          config.damp, refit=config.reconstruction != "none")
-                        first = second = 0.0
-                        for x, y, g in zip(xh, out, grads[i]):
-                            delta = run_layer(cand, x.to(device, dtype), call).float() - y.to(device)
-                            a, b = taylor_terms(g.to(device), delta)
-                            first, second = first + a, second + b
-                        first, second = distributed.reduce_sums(first, second)  # over every rank's shard
-                        row.append((r, first / tokens, second / tokens))
-                        del cand
-                        bar.update(1)
-                    terms[(i, kind)] = row
-        acc_o.release()
-        acc_d.release()
+            out = xh.run(layer, i)
+            for kind, r, cand in cands:
+                first, second = _candidate_terms(cand, xh, out, grads[i], i)
+                terms.setdefault((i, kind), []).append((r, first / tokens, second / tokens))
+                del cand
+                bar.update(1)
         grads[i] = []
         xh = out
     bar.close()
@@ -187,3 +169,16 @@ def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer
     info = {"terms": {f"{i}.{k}": [list(t) for t in row] for (i, k), row in terms.items()},
             "holdout_tokens": tokens}
     return curves, nll / tokens, info
+
+
+def _candidate_terms(cand: nn.Module, inputs: LayerStream, dense_out: LayerStream, grads: list[torch.Tensor],
+                     index: int) -> tuple[float, float]:
+    """`taylor_terms` summed over the held-back batches (and every rank's shard) for one candidate
+    layer (on the device; decoder layer `index`) against the dense layer's outputs."""
+    call = inputs.call(index)
+    first = second = 0.0
+    for x, y, g in zip(inputs, dense_out, grads):
+        delta = run_layer(cand, x.to(inputs.device, inputs.dtype), call).float() - y.to(inputs.device)
+        a, b = taylor_terms(g.to(inputs.device), delta)
+        first, second = first + a, second + b
+    return distributed.reduce_sums(first, second)  # over every rank's shard

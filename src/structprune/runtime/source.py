@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import get_adapter
+from ..arch import get_adapter
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,8 @@ class ModelSource(LayerSource):
         return self.adapter.decoder_layers(self.model)[index]
 
     def total_params(self) -> int:
-        from .pipeline import total_params
-
-        return total_params(self.model)
+        # parameters() yields a tied tensor once
+        return sum(p.numel() for p in self.model.parameters())
 
 
 class SafetensorsSource(LayerSource):
