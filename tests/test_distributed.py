@@ -53,7 +53,7 @@ def _configs() -> dict[str, PruneConfig]:
 def _run_all() -> dict[str, dict]:
     """Every configuration on every family: plans and weights (same code on one or many ranks)."""
     from structprune import planning
-    from structprune.flap import prune_flap
+    from structprune.methods.flap import prune_flap
     from structprune.pipeline import prune_model
 
     saved, planning.RHO_SEARCH_TOKENS = planning.RHO_SEARCH_TOKENS, PREFIX_TOKENS  # ends inside rank 1's shard

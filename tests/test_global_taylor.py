@@ -8,7 +8,7 @@ from conftest import logits, tiny_model, windows
 
 import structprune as sp
 from structprune.arch import get_adapter
-from structprune.global_taylor import accumulate_taylor, global_selection, prune_global
+from structprune.methods.global_taylor import accumulate_taylor, global_selection, prune_global
 from structprune.surgery import get_weight, head_columns
 
 

@@ -82,13 +82,13 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
         calib_windows, held = calibration_data(tokenizer, config, holdout=True)
         holdout_windows = held if holdout_windows is None else holdout_windows
     if config.scope == "global":
-        from .global_taylor import prune_global
+        from .methods.global_taylor import prune_global
         from .pipeline import clean_copy
 
         whole = model if isinstance(model, nn.Module) else clean_copy(model)
         pruned, plan = prune_global(whole, calib_windows, config, progress=progress)
     elif config.allocation == "flap":
-        from .flap import prune_flap
+        from .methods.flap import prune_flap
 
         if masks is not None:
             raise ValueError("masks= replays kept units through the layer pipeline; allocation 'flap' has its own")

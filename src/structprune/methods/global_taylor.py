@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Adapter, get_adapter
-from .config import PruneConfig
-from .pipeline import clean_copy, decoder_linear_params, finish, total_params
-from .plan import LayerPlan, PrunePlan
-from .selection import select_heads
-from .streaming import resolve_device
-from .surgery import get_weight
+from ..arch import Adapter, get_adapter
+from ..config import PruneConfig
+from ..pipeline import clean_copy, decoder_linear_params, finish, total_params
+from ..plan import LayerPlan, PrunePlan
+from ..selection import select_heads
+from ..streaming import resolve_device
+from ..surgery import get_weight
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import PruneConfig
+from ..config import PruneConfig
 
 METHODS: dict[str, dict[str, Any]] = {
     # STRUPRUNE: calibration-aware scores, allocation, least-squares (or ADMM) reconstruction.

@@ -35,21 +35,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed
-from .arch import Adapter, get_adapter
-from .config import PruneConfig
+from .. import distributed
+from ..arch import Adapter, get_adapter
+from ..config import PruneConfig
 from .global_taylor import global_selection
-from .importance import column_scores
-from .pipeline import decoder_params, finish, open_output
-from .plan import LayerPlan, PrunePlan
-from .planning import dense_consumer_stats
-from .source import LayerSource, ModelSource, layers_prefix
-from .streaming import (
+from ..importance import column_scores
+from ..pipeline import decoder_params, finish, open_output
+from ..plan import LayerPlan, PrunePlan
+from ..planning import dense_consumer_stats
+from ..source import LayerSource, ModelSource, layers_prefix
+from ..streaming import (
     calibration_mode,
     capture_layer_inputs,
     resolve_device,
 )
-from .surgery import get_bias, get_weight, head_columns
+from ..surgery import get_bias, get_weight, head_columns
 
 log = logging.getLogger(__name__)
 
