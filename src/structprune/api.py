@@ -13,7 +13,8 @@ from .config import PruneConfig
 from .data import calibration_windows, eval_windows, held_back_count, load_text, split_windows, tokenize
 from .evaluate import perplexity
 from .loading import open_for_pruning
-from .pipeline import PruneResult, prune_model
+from .methods.output import PruneResult
+from .pipeline import prune_model
 from .planning import needs_holdout
 from .source import LayerSource
 from .streaming import resolve_device
@@ -83,7 +84,7 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
         holdout_windows = held if holdout_windows is None else holdout_windows
     if config.scope == "global":
         from .methods.global_taylor import prune_global
-        from .pipeline import clean_copy
+        from .methods.output import clean_copy
 
         whole = model if isinstance(model, nn.Module) else clean_copy(model)
         pruned, plan = prune_global(whole, calib_windows, config, progress=progress)

@@ -15,7 +15,6 @@ import logging
 import time
 from dataclasses import asdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,11 +25,12 @@ from . import distributed, sensitivity
 from .arch import Adapter, LayerShape, get_adapter
 from .config import PruneConfig
 from .importance import column_scores, unit_scores
+from .methods.output import decoder_params, finish, open_output
 from .plan import LayerPlan, PrunePlan
 from .planning import Allocation, allocate, check_reachable, module_params, needs_holdout
 from .reconstruct.lstsq import GramAccumulator, refit_consumer, refit_to_target
 from .selection import neuron_count, obs_select_columns, obs_unit_costs, select_heads, select_neurons
-from .source import LayerSource, ModelSource, layers_prefix, skeleton
+from .source import LayerSource, ModelSource, layers_prefix
 from .streaming import (
     _StopForward,
     calibration_mode,
@@ -44,65 +44,6 @@ from .streaming import (
 from .surgery import get_bias, get_weight, head_columns, set_weight
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PruneResult:
-    """The pruned model (host, eval mode), its plan, and the tokenizer when one was loaded."""
-
-    model: nn.Module
-    plan: PrunePlan
-    tokenizer: Any = None
-
-
-def decoder_linear_params(model: nn.Module, adapter: Adapter) -> int:
-    """Decoder-layer linear weight parameters (PROTOCOL.md: q, k, v, o and the MLP projections)."""
-    return sum(w.numel() for layer in adapter.decoder_layers(model) for w in adapter.linear_weights(layer))
-
-
-def total_params(model: nn.Module) -> int:
-    """All parameters, tied tensors counted once."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def clean_copy(model: nn.Module | LayerSource) -> nn.Module:
-    """An independent full copy on the host with the same weights (the input is never modified;
-    a GGUF quantization marker is not carried over). O(model) host memory: for the global
-    baseline, which needs the whole model anyway."""
-    source = model if isinstance(model, LayerSource) else ModelSource(model)
-    out = skeleton(source)
-    layers = get_adapter(out.config).decoder_layers(out)
-    for i in range(len(layers)):
-        layers[i] = copy.deepcopy(source.layer(i))
-    return out.eval()
-
-
-def finish(source_config: Any, out: nn.Module, adapter: Adapter, config: PruneConfig, plans: list[LayerPlan],
-           dense_params: int, total_dense: int, allocation: dict[str, Any], timing: dict[str, float]
-           ) -> tuple[nn.Module, PrunePlan]:
-    """Shape the output config, assemble the plan, and refuse to return non-finite weights."""
-    out.config = adapter.shaped_config([p.shape for p in plans])
-    plan = PrunePlan(
-        model_type=source_config.model_type,
-        config=config.to_dict(),
-        layers=plans,
-        params_dense=total_dense,
-        params_pruned=total_params(out),
-        decoder_params_dense=dense_params,
-        decoder_params_pruned=decoder_linear_params(out, adapter),
-        allocation=allocation,
-        timing=timing,
-    )
-    for name, p in out.named_parameters():
-        if not p.is_meta and not torch.isfinite(p).all():  # meta: already written (and checked) by a sink
-            raise FloatingPointError(f"non-finite values in {name} after pruning; this is a bug, please report it")
-    return out.eval(), plan
 
 
 class _Budget:
@@ -453,22 +394,6 @@ def _safe_run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> None:
         run_layer(layer, hidden, call)
     except _StopForward:
         pass
-
-
-def open_output(source: LayerSource, compensation: bool) -> tuple[nn.Module, Adapter, dict[str, bool]]:
-    """The output skeleton and its adapter; with `compensation`, the family's config fields that
-    give the consumer projections biases (returned, so dense layers can get zero biases too)."""
-    out = skeleton(source)
-    fields = get_adapter(out.config).compensation_fields() if compensation else {}
-    for name, value in fields.items():
-        setattr(out.config, name, value)
-    return out, get_adapter(out.config), fields
-
-
-def decoder_params(adapter: Adapter) -> int:
-    """Dense decoder linear weight parameters (attention + MLP of every layer)."""
-    shape = adapter.dense_shape()
-    return adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
 
 
 def device_batch(config: PruneConfig, seqlen: int) -> int:

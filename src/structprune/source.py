@@ -87,7 +87,7 @@ class ModelSource(LayerSource):
         return self.adapter.decoder_layers(self.model)[index]
 
     def total_params(self) -> int:
-        from .pipeline import total_params
+        from .methods.output import total_params
 
         return total_params(self.model)
 

@@ -40,7 +40,7 @@ from ..arch import Adapter, get_adapter
 from ..config import PruneConfig
 from .global_taylor import global_selection
 from ..importance import column_scores
-from ..pipeline import decoder_params, finish, open_output
+from .output import decoder_params, finish, open_output
 from ..plan import LayerPlan, PrunePlan
 from ..planning import dense_consumer_stats
 from ..source import LayerSource, ModelSource, layers_prefix

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..arch import Adapter, get_adapter
 from ..config import PruneConfig
-from ..pipeline import clean_copy, decoder_linear_params, finish, total_params
+from .output import clean_copy, decoder_linear_params, finish, total_params
 from ..plan import LayerPlan, PrunePlan
 from ..selection import select_heads
 from ..streaming import resolve_device
