@@ -74,6 +74,7 @@ class Adapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     gated: ClassVar[bool] = False  # MLP is act(gate x) * (up x)
+    fused_qkv: ClassVar[bool] = False  # q_k_v returns one module three times, rows laid out q | k | v
 
     def __init__(self, config: Any) -> None:
         self.config = config

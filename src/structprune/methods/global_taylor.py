@@ -94,7 +94,7 @@ def layer_taylor(adapter: Adapter, layer: nn.Module) -> LayerTaylor:
     shape = adapter.layer_shape(layer)
     hd = adapter.head_dim
     q, k, v = adapter.q_k_v(layer)
-    if q is k and k is v:  # one fused projection, rows laid out q | k | v
+    if adapter.fused_qkv:  # one fused projection, rows laid out q | k | v
         rows = _weight_times_grad(q).sum(1)
         q_rows, k_rows, v_rows = rows.split([shape.num_heads * hd, shape.num_kv_heads * hd, shape.num_kv_heads * hd])
     else:
