@@ -1,4 +1,8 @@
-"""The Python API: `prune`, `evaluate_perplexity` and friends, thin over the pipeline."""
+"""The Python API: `prune`, `evaluate_perplexity` and friends, thin over the methods.
+
+`prune` is the one place that draws calibration and held-back windows and the one place that
+picks the method (`methods.get_method(config.method)`).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ from .config import PruneConfig
 from .data import calibration_windows, eval_windows, held_back_count, load_text, split_windows, tokenize
 from .evaluate import perplexity
 from .loading import open_for_pruning
+from .methods import Method, get_method
 from .methods.output import PruneResult
-from .pipeline import prune_model
 from .planning import needs_holdout
 from .source import LayerSource
 from .streaming import resolve_device
@@ -38,6 +42,24 @@ def calibration_data(tokenizer: Any, config: PruneConfig, holdout: bool = False
     return (windows, held) if holdout else windows
 
 
+def split_holdout(windows: torch.Tensor, config: PruneConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, PruneConfig]:
+    """Given windows [n, seqlen] and no held-back ones, for a config that searches on
+    held-back data: the last max(1, n // 8) windows are held back (returns (windows, holdout,
+    config)). One window cannot be split: allocation "sensitivity" is refused, and the rho and
+    temperature searches fall back to rho=1 and T=inf (uniform) with a warning."""
+    if windows.shape[0] < 2 and config.allocation == "sensitivity":
+        raise ValueError("allocation='sensitivity' measures losses on held-back calibration windows and one "
+                         "calibration window cannot be split; use nsamples >= 2 or pass holdout windows")
+    if windows.shape[0] < 2:
+        log.warning("one calibration window cannot be split for the automatic allocation search; "
+                    "using rho=1 and T=inf (uniform) instead")
+        return windows, None, config.replace(rho=1.0 if config.rho == "auto" else config.rho,
+                                             temperature="inf" if config.temperature == "auto" else config.temperature)
+    n_hold = max(1, windows.shape[0] // 8)
+    return windows[:-n_hold], windows[-n_hold:], config
+
+
 def finetune(model: nn.Module, tokenizer: Any, config: Any = None, progress: bool = True) -> tuple[nn.Module, dict]:
     """LoRA recovery of a (pruned) model on its calibration-split text, merged back (finetune.py).
     Returns (new model, info); `model` is not modified. `config`: a FinetuneConfig."""
@@ -58,23 +80,16 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
     at a time (the whole model is never in host memory); the pruned model is returned. Calibration windows come from `calib_windows`
     [nsamples, seqlen] when given, else from `config.calib` with `tokenizer`.
     Returns the pruned model (host), its plan and the tokenizer. `holdout_windows`: calibration
-    windows kept apart for the temperature search (drawn automatically from config.calib).
+    windows kept apart for the temperature search (drawn automatically from config.calib; split
+    off the end of `calib_windows` when only those are given, `split_holdout`).
     `masks`: a PrunePlan whose kept units are replayed (compare re-fits on equal masks).
     `sink`: an `io.ShardWriter` that receives each layer as soon as it is pruned.
     """
     config = config or PruneConfig()
     resolve_device(config.device)  # fail fast on a missing device
     distributed.check_supported(config)  # under torchrun: refuse what does not run sharded yet
-    if isinstance(model_or_path, str):
-        from .preflight import check_context, check_model_spec, check_tokenizer
-
-        check_model_spec(model_or_path)  # missing path, broken config.json or safetensors: fail before loading
-        model, loaded_tok = open_for_pruning(model_or_path, config.dtype)
-        tokenizer = tokenizer or loaded_tok
-        check_context(model.config, config.seqlen, "seqlen")
-        check_tokenizer(tokenizer, model.config)
-    else:
-        model = model_or_path
+    method = get_method(config.method)
+    model, tokenizer = _open(model_or_path, config, tokenizer)
     _check_reachable(model, config)
     if calib_windows is None:
         if tokenizer is None:
@@ -82,22 +97,37 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
                              "(calibration text must be tokenized)")
         calib_windows, held = calibration_data(tokenizer, config, holdout=True)
         holdout_windows = held if holdout_windows is None else holdout_windows
-    if config.scope == "global":
-        from .methods.global_taylor import prune_global
-        from .methods.output import clean_copy
-
-        whole = model if isinstance(model, nn.Module) else clean_copy(model)
-        pruned, plan = prune_global(whole, calib_windows, config, progress=progress)
-    elif config.allocation == "flap":
-        from .methods.flap import prune_flap
-
-        if masks is not None:
-            raise ValueError("masks= replays kept units through the layer pipeline; allocation 'flap' has its own")
-        pruned, plan = prune_flap(model, calib_windows, config, progress=progress, sink=sink)
-    else:
-        pruned, plan = prune_model(model, calib_windows, config, progress=progress, holdout=holdout_windows,
-                                   masks=masks, sink=sink)
+    _check_supports(method, masks, sink)
+    if method.holdout and masks is None and holdout_windows is None and needs_holdout(config):
+        calib_windows, holdout_windows, config = split_holdout(calib_windows, config)
+    pruned, plan = method.run(model, calib_windows, holdout_windows, config, progress, masks, sink)
     return PruneResult(model=pruned, plan=plan, tokenizer=tokenizer)
+
+
+def _open(model_or_path: nn.Module | LayerSource | str, config: PruneConfig, tokenizer: Any
+          ) -> tuple[nn.Module | LayerSource, Any]:
+    """A MODEL string opened for pruning (checked before and after loading), with its tokenizer
+    unless one is given; a model object or LayerSource as it is."""
+    if not isinstance(model_or_path, str):
+        return model_or_path, tokenizer
+    from .preflight import check_context, check_model_spec, check_tokenizer
+
+    check_model_spec(model_or_path)  # missing path, broken config.json or safetensors: fail before loading
+    model, loaded_tok = open_for_pruning(model_or_path, config.dtype)
+    tokenizer = tokenizer or loaded_tok
+    check_context(model.config, config.seqlen, "seqlen")
+    check_tokenizer(tokenizer, model.config)
+    return model, tokenizer
+
+
+def _check_supports(method: Method, masks: Any, sink: Any) -> None:
+    """Refuse an argument the method cannot honour (instead of ignoring it)."""
+    if masks is not None and not method.masks:
+        raise ValueError(f"masks= replays kept units through the layer pipeline; method {method.name!r} "
+                         "chooses its own")
+    if sink is not None and not method.sink:
+        raise ValueError(f"sink= receives layers as they are pruned; method {method.name!r} prunes the whole "
+                         "model at once: save the result with save_pruned")
 
 
 def _check_reachable(model: Any, config: PruneConfig) -> None:

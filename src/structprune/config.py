@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "sensitivity", "flap")
+LAYER_ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "sensitivity")  # the layer pipeline's rules
+ALLOCATIONS = (*LAYER_ALLOCATIONS, "flap")
 SENSITIVITIES = ("exact", "linear")
 FLAP_STANDARDISE = ("layer", "kind")
 RECONSTRUCTIONS = ("none", "lstsq", "admm")
@@ -155,10 +156,7 @@ class PruneConfig:
         _check(self.sensitivity in SENSITIVITIES, "sensitivity", self.sensitivity, f"choose one of {SENSITIVITIES}")
         _check(self.reconstruction in RECONSTRUCTIONS, "reconstruction", self.reconstruction,
                f"choose one of {RECONSTRUCTIONS}")
-        _check(self.allocation != "flap" or self.reconstruction == "none", "reconstruction",
-               self.reconstruction, "allocation 'flap' re-fits no weight; use reconstruction 'none'")
-        _check(self.allocation != "flap" or self.scope == "layer", "scope", self.scope,
-               "allocation 'flap' is its own whole-model ranking; use scope 'layer'")
+        self._check_flap()
         _check(self.flap_standardise in FLAP_STANDARDISE, "flap_standardise", self.flap_standardise,
                f"choose one of {FLAP_STANDARDISE}")
         _check(self.target in TARGETS, "target", self.target, f"choose one of {TARGETS}")
@@ -196,9 +194,25 @@ class PruneConfig:
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
         _check(isinstance(self.round_to, int) and self.round_to >= 1, "round_to", self.round_to,
                "use a whole number >= 1 (kept FFN neurons per layer a multiple of it)")
-        _check(self.round_to == 1 or (self.scope == "layer" and self.allocation != "flap"), "round_to",
+        _check(self.round_to == 1 or self.method == "structprune", "round_to",
                self.round_to, "rounding kept neurons is done by the layer pipeline; not with scope 'global' "
                "or allocation 'flap'")
+
+    @property
+    def method(self) -> str:
+        """The registered method (`methods.get_method`) these values select; the one place that
+        maps config values to a method: scope "global" -> "global", allocation "flap" -> "flap",
+        anything else -> "structprune" (the layer pipeline)."""
+        if self.scope == "global":
+            return "global"
+        return "flap" if self.allocation == "flap" else "structprune"
+
+    def _check_flap(self) -> None:
+        """Allocation "flap" is FLAP's own whole-model ranking: no re-fit, not combined with scope global."""
+        _check(self.allocation != "flap" or self.reconstruction == "none", "reconstruction",
+               self.reconstruction, "allocation 'flap' re-fits no weight; use reconstruction 'none'")
+        _check(self.allocation != "flap" or self.scope == "layer", "scope", self.scope,
+               "allocation 'flap' is its own whole-model ranking; use scope 'layer'")
 
     def replace(self, **changes: Any) -> "PruneConfig":
         return dataclasses.replace(self, **changes)

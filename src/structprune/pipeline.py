@@ -27,7 +27,7 @@ from .config import PruneConfig
 from .importance import column_scores, unit_scores
 from .methods.output import decoder_params, finish, open_output
 from .plan import LayerPlan, PrunePlan
-from .planning import Allocation, allocate, check_reachable, module_params, needs_holdout
+from .planning import Allocation, allocate, check_reachable, module_params
 from .reconstruct.lstsq import GramAccumulator, refit_consumer, refit_to_target
 from .selection import neuron_count, obs_select_columns, obs_unit_costs, select_heads, select_neurons
 from .source import LayerSource, ModelSource, layers_prefix
@@ -408,9 +408,9 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     """Prune `model` (an in-memory model, left untouched, or a LayerSource such as a
     safetensors folder read one layer at a time) on calibration `windows` [nsamples, seqlen].
 
-    holdout: calibration windows kept apart for the temperature search of the softmax rules
-    (never the evaluation text); when None and a search is needed, the last eighth of
-    `windows` (at least one) is set aside for it and not used for pruning.
+    holdout: calibration windows kept apart for the rho, temperature and sensitivity searches
+    (never the evaluation text); needed when `planning.needs_holdout(config)` and no masks are
+    replayed (`api.prune` splits them off the calibration windows when none are given).
     masks: a plan whose kept units are replayed instead of selected (allocation is skipped);
     the statistics and re-fit still run, so re-fit methods can be compared on equal masks.
     sink: an `io.ShardWriter`; each finished layer is written to it at once and, with
@@ -438,19 +438,6 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             layer = copy.deepcopy(layer)
             adapter.add_zero_biases(layer, bias_fields)
         return layer
-
-    if needs_holdout(config) and masks is None and holdout is None:
-        if windows.shape[0] < 2 and config.allocation == "sensitivity":
-            raise ValueError("allocation='sensitivity' measures losses on held-back calibration windows and one "
-                             "calibration window cannot be split; use nsamples >= 2 or pass holdout windows")
-        if windows.shape[0] < 2:
-            log.warning("one calibration window cannot be split for the automatic allocation search; "
-                        "using rho=1 and T=inf (uniform) instead")
-            config = config.replace(rho=1.0 if config.rho == "auto" else config.rho,
-                                    temperature="inf" if config.temperature == "auto" else config.temperature)
-        else:
-            n_hold = max(1, windows.shape[0] // 8)
-            windows, holdout = windows[:-n_hold], windows[-n_hold:]
 
     resumable = sink is not None and hasattr(sink, "resume_state")
     fingerprint = run_fingerprint(source, config, windows, holdout, masks) if resumable else ""

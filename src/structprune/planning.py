@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import allocation as alloc
 from . import distributed
 from .arch import Adapter
-from .config import PruneConfig, temperature_value
+from .config import LAYER_ALLOCATIONS, PruneConfig, temperature_value
 from .importance import column_scores, unit_scores
 from .reconstruct.lstsq import GramAccumulator
 from .selection import select_heads, select_neurons
@@ -308,8 +308,9 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, layers: nn
              dense_layer: DenseLayer, hidden: list[torch.Tensor], calls: list[tuple], holdout: torch.Tensor | None,
              device: torch.device, dtype: torch.dtype, progress: bool = True) -> Allocation:
     """Kept fraction per module for config.allocation (see module docstring)."""
-    if config.allocation == "flap":
-        raise ValueError("allocation='flap' is not a layer-pipeline rule; structprune.prune runs it through flap.py")
+    if config.allocation not in LAYER_ALLOCATIONS:
+        raise ValueError(f"allocation={config.allocation!r} is not a layer-pipeline rule; "
+                         f"choose one of {LAYER_ALLOCATIONS}")
     params = module_params(adapter)
     keys = prunable_keys(config, adapter)
     sparsity = prunable_sparsity(config, adapter)

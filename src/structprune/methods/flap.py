@@ -37,10 +37,8 @@ from torch import nn
 
 from .. import distributed
 from ..arch import Adapter, get_adapter
-from ..config import PruneConfig
-from .global_taylor import global_selection
+from ..config import FLAP_STANDARDISE, PruneConfig
 from ..importance import column_scores
-from .output import decoder_params, finish, open_output
 from ..plan import LayerPlan, PrunePlan
 from ..planning import dense_consumer_stats
 from ..source import LayerSource, ModelSource, layers_prefix
@@ -50,11 +48,13 @@ from ..streaming import (
     resolve_device,
 )
 from ..surgery import get_bias, get_weight, head_columns
+from . import register_method
+from .global_taylor import global_selection
+from .output import decoder_params, finish, open_output
 
 log = logging.getLogger(__name__)
 
 RULE = "flap"
-STANDARDISE = ("layer", "kind")
 
 
 @dataclass
@@ -85,8 +85,8 @@ def unit_scores(attn_cols: list[torch.Tensor], neurons: list[torch.Tensor], head
     attn_cols[i]: o_proj column metrics of layer i; neurons[i]: down_proj
     column metrics. per="layer": standardise each layer's module on its own (reference code);
     per="kind": standardise all layers' attention columns together, likewise the neurons."""
-    if per not in STANDARDISE:
-        raise ValueError(f"per={per!r} is invalid: choose one of {STANDARDISE}")
+    if per not in FLAP_STANDARDISE:
+        raise ValueError(f"per={per!r} is invalid: choose one of {FLAP_STANDARDISE}")
     if per == "layer":
         attn = [standardise(a) for a in attn_cols]
         mlp = [standardise(n) for n in neurons]
@@ -213,3 +213,10 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     info = {"rule": RULE, "standardise": config.flap_standardise, "bias_fields": sorted(fields), **info}
     return finish(source.config, out, adapter, config, plans, dense_params, total_dense, info,
                   {"score_seconds": t_scores, "prune_seconds": time.perf_counter() - t0})
+
+
+@register_method("flap", sink=True, distributed=True)
+def run(model: nn.Module | LayerSource, windows: torch.Tensor, holdout: torch.Tensor | None, config: PruneConfig,
+        progress: bool, masks: PrunePlan | None, sink: object) -> tuple[nn.Module, PrunePlan]:
+    """FLAP as a registered method: `prune_flap` (no held-back windows, no masks)."""
+    return prune_flap(model, windows, config, progress=progress, sink=sink)

@@ -38,11 +38,13 @@ from tqdm.auto import tqdm
 
 from ..arch import Adapter, get_adapter
 from ..config import PruneConfig
-from .output import clean_copy, decoder_linear_params, finish, total_params
 from ..plan import LayerPlan, PrunePlan
 from ..selection import select_heads
+from ..source import LayerSource
 from ..streaming import resolve_device
 from ..surgery import get_weight
+from . import register_method
+from .output import clean_copy, decoder_linear_params, finish, total_params
 
 log = logging.getLogger(__name__)
 
@@ -318,3 +320,12 @@ def prune_global(model: nn.Module, windows: torch.Tensor, config: PruneConfig, p
                  sel.keep_kv.numel(), dense_shape.num_kv_heads, sel.keep_n.numel(), dense_shape.intermediate_size)
     return finish(model.config, out, adapter, config, plans, dense_params, total_dense, {"rule": RULE, **info},
                   {"gradient_seconds": t_grad, "prune_seconds": time.perf_counter() - t0})
+
+
+@register_method("global", whole_model=True)
+def run(model: nn.Module | LayerSource, windows: torch.Tensor, holdout: torch.Tensor | None, config: PruneConfig,
+        progress: bool, masks: PrunePlan | None, sink: object) -> tuple[nn.Module, PrunePlan]:
+    """The global Taylor baseline as a registered method: a LayerSource is copied whole to
+    the host first (`clean_copy`), then `prune_global`."""
+    whole = model if isinstance(model, nn.Module) else clean_copy(model)
+    return prune_global(whole, windows, config, progress=progress)
