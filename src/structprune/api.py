@@ -7,6 +7,9 @@ picks the method (`methods.get_method(config.method)`).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,6 +105,67 @@ def prune(model_or_path: nn.Module | LayerSource | str, config: PruneConfig | No
         calib_windows, holdout_windows, config = split_holdout(calib_windows, config)
     pruned, plan = method.run(model, calib_windows, holdout_windows, config, progress, masks, sink)
     return PruneResult(model=pruned, plan=plan, tokenizer=tokenizer)
+
+
+@dataclass
+class FolderRun:
+    """What `prune_to_folder` did: the result, the pruning time (seconds, window draw included)
+    and, when evaluated, the dense and pruned perplexities."""
+
+    result: PruneResult
+    seconds: float
+    dense_ppl: float | None = None
+    pruned_ppl: float | None = None
+
+
+def prune_to_folder(model: str, config: PruneConfig, out: str, overwrite: bool = False, resume: bool = False,
+                    evaluate: dict[str, Any] | None = None, progress: bool = True,
+                    check_loaded: Callable[[Any, Any], None] | None = None) -> FolderRun:
+    """Open MODEL (a folder is read one layer at a time), prune it with `config` and write the
+    pruned folder `out`. Methods that stream (`Method.sink`) write each layer as it is pruned,
+    resumable with `resume`, and the folder appears atomically at the end. `evaluate`: keyword
+    arguments of `evaluate_perplexity` to measure the dense and the pruned model. `check_loaded`:
+    called with (model, tokenizer) once opened (the CLI's checks that need the model)."""
+    from . import io
+
+    io.check_output_dir(out, overwrite)
+    opened, tok = open_for_pruning(model, config.dtype)
+    if tok is None:
+        raise ValueError(f"{model} has no usable tokenizer files (missing or unreadable); save the model's "
+                         "tokenizer into that folder")
+    if check_loaded is not None:
+        check_loaded(opened, tok)
+    dense_ppl = pruned_ppl = None
+    if evaluate is not None:
+        dense_ppl = _dense_perplexity(model, opened, tok, config, evaluate)
+    sink = (distributed.rank_sink(lambda: io.ShardWriter(out, overwrite, release=evaluate is None, resume=resume))
+            if get_method(config.method).sink else None)  # torchrun: rank 0 writes
+    try:
+        t0 = time.perf_counter()
+        result = prune(opened, config, tokenizer=tok, progress=progress, sink=sink)
+        seconds = time.perf_counter() - t0
+        if evaluate is not None:
+            pruned_ppl = evaluate_perplexity(result.model, tok, **evaluate)
+            result.plan.timing.update({"perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl})
+        if sink is not None:
+            from .source import layers_prefix
+
+            sink.finish(result.model, result.plan, layers_prefix(result.model), tokenizer=tok)
+        else:
+            io.save_pruned(result.model, result.plan, out, tokenizer=tok, overwrite=overwrite)
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    return FolderRun(result, seconds, dense_ppl, pruned_ppl)
+
+
+def _dense_perplexity(model: str, opened: Any, tok: Any, config: PruneConfig, evaluate: dict[str, Any]) -> float:
+    """Perplexity of the dense model (loaded whole for this when it was opened layer by layer)."""
+    from .loading import load_model
+
+    dense = opened if isinstance(opened, nn.Module) else load_model(model, config.dtype)[0]
+    return evaluate_perplexity(dense, tok, **evaluate)
 
 
 def _open(model_or_path: nn.Module | LayerSource | str, config: PruneConfig, tokenizer: Any
