@@ -131,27 +131,15 @@ def _setup_logging(level: str) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed command; its exit status."""
-    if args.command == "prune":
-        return commands.cmd_prune(args, evaluate=args.eval)
-    if args.command == "demo":
-        if args.out is None:
-            args.out = f"out/{args.model.replace('/', '_')}-{args.sparsity:g}"
-        return commands.cmd_prune(args, evaluate=True)
-    if args.command == "eval":
-        return commands.cmd_eval(args)
-    if args.command == "info":
-        return commands.cmd_info(args)
-    if args.command == "finetune":
-        return commands.cmd_finetune(args)
-    if args.command == "bench" and args.bench == "speed":
-        return commands.cmd_speed(args)
+    if args.command == "demo" and args.out is None:
+        args.out = f"out/{args.model.replace('/', '_')}-{args.sparsity:g}"
+    if args.command in ("prune", "demo"):
+        return commands.cmd_prune(args, evaluate=args.command == "demo" or args.eval)
     if args.command == "bench":
-        return commands.cmd_bench_quality(args)
-    if args.command == "report":
-        return commands.cmd_report(args)
-    if args.command == "export":
-        return commands.cmd_export(args)
-    return 1
+        return (commands.cmd_speed if args.bench == "speed" else commands.cmd_bench_quality)(args)
+    run = {"eval": commands.cmd_eval, "info": commands.cmd_info, "finetune": commands.cmd_finetune,
+           "report": commands.cmd_report, "export": commands.cmd_export}[args.command]
+    return run(args)
 
 
 if __name__ == "__main__":
