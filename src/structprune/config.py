@@ -39,7 +39,7 @@ class PruneConfig:
 
     sparsity: ACTUAL fraction of decoder linear weight parameters to remove (PROTOCOL.md).
     scope: "layer" (STRUPRUNE: one layer at a time) or "global" (the O(N) baseline: whole model
-        on the device, first-order Taylor ranking of all units together; global_taylor.py).
+        on the device, first-order Taylor ranking of all units together; methods/global_taylor.py).
     nsamples / seqlen: calibration windows and their length in tokens. The least-squares re-fit is
         data-hungry: on SmolLM2-135M (softmax allocation, FFN only) 16 x 512 windows gave 24.49 / 32.52 /
         59.40 perplexity at 20 / 30 / 50%, the default 64 x 512 gives 22.02 / 28.25 / 53.51 (relative
@@ -55,7 +55,7 @@ class PruneConfig:
         Surgeon on the consumer's Gram matrix, removing the units whose loss the least-squares
         re-fit of the others can best absorb; heads by their block OBS cost). Needs a re-fit.
     allocation: how the budget is spread over layers and modules. "flap": FLAP's global
-        ranking of standardised fluctuation scores (flap.py; no re-fit, reconstruction "none").
+        ranking of standardised fluctuation scores (methods/flap.py; no re-fit, reconstruction "none").
         "sensitivity": each module's held-back loss increase is measured when it alone is pruned
         (and re-fitted) at a few ratios, and the budget goes where the summed increase is least
         (sensitivity.py; SmolLM2-135M, FFN only, 64 x 512: 19.52 / 26.47 at 20 / 30%, 3-4x the
