@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-LAYER_ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "sensitivity")  # the layer pipeline's rules
+LAYER_ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "sensitivity")  # layer pipeline
 ALLOCATIONS = (*LAYER_ALLOCATIONS, "flap")
 SENSITIVITIES = ("exact", "linear")
 FLAP_STANDARDISE = ("layer", "kind")

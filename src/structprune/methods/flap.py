@@ -49,7 +49,7 @@ from ..streaming import (
 )
 from ..surgery import get_bias, get_weight, head_columns
 from . import register_method
-from .global_taylor import global_selection
+from .global_taylor import Selection, global_selection
 from .output import decoder_params, finish, open_output
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,36 @@ def _compensate(module: nn.Module, dense_weight: torch.Tensor, mean: torch.Tenso
     return float(delta.norm())
 
 
+def _prune_layer(adapter: Adapter, dense: nn.Module, sel: Selection, stats: LayerFluctuation,
+                 fields: dict[str, bool], compensate: bool, warned: set[str]
+                 ) -> tuple[nn.Module, dict[str, dict[str, float]]]:
+    """A pruned copy of one dense layer (zero biases added where `fields` say) with the removed
+    units' mean output added to the consumer biases when `compensate`; returns (layer, recon)."""
+    shape = adapter.dense_shape()
+    hd = adapter.head_dim
+    layer = copy.deepcopy(dense)
+    if fields:
+        adapter.add_zero_biases(layer, fields)
+    recon: dict[str, dict[str, float]] = {}
+    if sel.keep_q.numel() < shape.num_heads:
+        o_weight = get_weight(adapter.o_proj(layer)).detach().clone()
+        removed = torch.ones(shape.num_heads * hd, dtype=torch.bool)
+        removed[head_columns(sel.keep_q, hd)] = False
+        adapter.slice_heads(layer, sel.keep_q, sel.keep_kv)
+        if compensate:
+            recon["attn"] = {"bias_norm": _compensate(adapter.o_proj(layer), o_weight, stats.attn_mean,
+                                                      removed.nonzero().flatten(), "o_proj", warned)}
+    if sel.keep_n.numel() < shape.intermediate_size:
+        d_weight = get_weight(adapter.down_proj(layer)).detach().clone()
+        removed = torch.ones(shape.intermediate_size, dtype=torch.bool)
+        removed[sel.keep_n] = False
+        adapter.slice_neurons(layer, sel.keep_n)
+        if compensate:
+            recon["mlp"] = {"bias_norm": _compensate(adapter.down_proj(layer), d_weight, stats.mlp_mean,
+                                                     removed.nonzero().flatten(), "down_proj", warned)}
+    return layer, recon
+
+
 def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
                sink: object = None) -> tuple[nn.Module, PrunePlan]:
     """Prune `model` (left untouched; an in-memory model or a LayerSource) with FLAP on
@@ -178,26 +208,7 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     plans: list[LayerPlan] = []
     warned: set[str] = set()
     for i, sel in enumerate(selections):
-        layer = copy.deepcopy(source.layer(i))
-        if fields:
-            adapter.add_zero_biases(layer, fields)
-        recon: dict[str, dict[str, float]] = {}
-        if sel.keep_q.numel() < shape.num_heads:
-            o_weight = get_weight(adapter.o_proj(layer)).detach().clone()
-            removed = torch.ones(shape.num_heads * hd, dtype=torch.bool)
-            removed[head_columns(sel.keep_q, hd)] = False
-            adapter.slice_heads(layer, sel.keep_q, sel.keep_kv)
-            if config.bias_compensation:
-                recon["attn"] = {"bias_norm": _compensate(adapter.o_proj(layer), o_weight, stats[i].attn_mean,
-                                                          removed.nonzero().flatten(), "o_proj", warned)}
-        if sel.keep_n.numel() < shape.intermediate_size:
-            d_weight = get_weight(adapter.down_proj(layer)).detach().clone()
-            removed = torch.ones(shape.intermediate_size, dtype=torch.bool)
-            removed[sel.keep_n] = False
-            adapter.slice_neurons(layer, sel.keep_n)
-            if config.bias_compensation:
-                recon["mlp"] = {"bias_norm": _compensate(adapter.down_proj(layer), d_weight, stats[i].mlp_mean,
-                                                         removed.nonzero().flatten(), "down_proj", warned)}
+        layer, recon = _prune_layer(adapter, source.layer(i), sel, stats[i], fields, config.bias_compensation, warned)
         layers[i] = layer.eval()
         if sink is not None:
             sink.write_layer(i, prefix, layer)
