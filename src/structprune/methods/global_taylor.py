@@ -138,6 +138,8 @@ def global_selection(
     standardised ones); parameter costs then enter only through the removal budget.
     Returns per-layer selections and {"threshold": score per parameter of the last unit
     removed, "removed_units": count, "actual_sparsity": realised fraction}.
+    A pure maths kernel (tensors in, selections out), kept whole: the ranking, the binary search
+    and `realise` read together.
     """
     shape = adapter.dense_shape()
     n_layers = len(head_scores)
