@@ -7,10 +7,10 @@ import torch
 from conftest import logits, tiny_model, windows
 
 import structprune as sp
-from structprune.methods import METHODS, method_config
+from structprune.methods import PRESETS, method_config
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(PRESETS))
 def test_method_end_to_end_meets_sparsity(family, method):
     model = tiny_model(family)
     res = sp.prune(model, method_config(method, sparsity=0.3, device="cpu", nsamples=8), calib_windows=windows(8),

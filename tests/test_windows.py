@@ -8,7 +8,7 @@ from conftest import TINY_WORDS
 
 from structprune.api import calibration_data
 from structprune.data import held_back_count, split_windows
-from structprune.methods import METHODS, method_config
+from structprune.methods import PRESETS, method_config
 from structprune.plan import PrunePlan
 from structprune.planning import needs_holdout
 
@@ -63,7 +63,7 @@ def test_every_method_calibrates_on_the_same_windows(tmp_path, nsamples):
     (tmp_path / "c.txt").write_text(" ".join(TINY_WORDS[i] for i in torch.randint(0, 90, (9000,), generator=g)))
     tok = _WordTokenizer()
     seen = {}
-    for name in sorted(METHODS):
+    for name in sorted(PRESETS):
         cfg = method_config(name, nsamples=nsamples, seqlen=32, calib=str(tmp_path / "c.txt"))
         seen[name] = (needs_holdout(cfg), *calibration_data(tok, cfg, holdout=True))
     assert any(n for n, _, _ in seen.values()) and not all(n for n, _, _ in seen.values())

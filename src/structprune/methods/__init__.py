@@ -40,7 +40,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The O(N) reference: whole model on the device, global first-order Taylor ranking.
     "global": {"scope": "global", "reconstruction": "none"},
 }
-METHODS = PRESETS  # the name the CLI, benchmarks and tests have used for the presets
 
 _BUILTIN = ("structprune", "flap", "global_taylor")  # modules that register the built-in methods
 
