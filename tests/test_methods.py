@@ -65,3 +65,22 @@ def test_arguments_a_method_cannot_honour_are_refused():
         sp.prune(tiny_model("llama"), cfg, calib_windows=windows(4), progress=False, masks=object())
     with pytest.raises(ValueError, match="sink"):
         sp.prune(tiny_model("llama"), cfg, calib_windows=windows(4), progress=False, sink=object())
+
+
+@pytest.mark.parametrize("name", ["structprune", "flap", "global"])
+def test_registered_flags_agree_with_the_config_rules(name):
+    """round_to and distributed are enforced where the config is built (config.py, distributed.py);
+    the registry's flags say the same."""
+    from structprune import distributed
+    from structprune.methods import PRESETS, get_method
+
+    method = get_method(name)
+    cfg = method_config(name)
+    assert cfg.method == name and PRESETS[name]
+    try:
+        cfg.replace(round_to=64)
+        rounds = True
+    except ValueError:
+        rounds = False
+    assert method.round_to == rounds
+    assert method.distributed == (not any("scope" in why for why in distributed.unsupported(cfg)))
