@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from structprune.cli import add_quality_options, cmd_bench_quality
+from structprune.cli_commands import cmd_bench_quality
+from structprune.cli_options import add_quality_options
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -53,17 +53,17 @@ def _configs() -> dict[str, PruneConfig]:
 def _run_all() -> dict[str, dict]:
     """Every configuration on every family: plans and weights (same code on one or many ranks)."""
     from structprune import planning
-    from structprune.flap import prune_flap
-    from structprune.pipeline import prune_model
+    from structprune.api import prune
+    from structprune.methods.flap import prune_flap
 
     saved, planning.RHO_SEARCH_TOKENS = planning.RHO_SEARCH_TOKENS, PREFIX_TOKENS  # ends inside rank 1's shard
     try:
-        return _run_configs(prune_flap, prune_model, planning.needs_holdout)
+        return _run_configs(prune_flap, prune, planning.needs_holdout)
     finally:
         planning.RHO_SEARCH_TOKENS = saved
 
 
-def _run_configs(prune_flap, prune_model, needs_holdout) -> dict[str, dict]:
+def _run_configs(prune_flap, prune, needs_holdout) -> dict[str, dict]:
     out = {}
     for family in FAMILIES:
         for name, cfg in _configs().items():
@@ -72,8 +72,8 @@ def _run_configs(prune_flap, prune_model, needs_holdout) -> dict[str, dict]:
             if name == "flap":
                 pruned, plan = prune_flap(model, ids[:16], cfg, progress=False)
             else:
-                pruned, plan = prune_model(model, ids if needs_holdout(cfg) else ids[:16], cfg,
-                                           progress=False)
+                res = prune(model, cfg, calib_windows=ids if needs_holdout(cfg) else ids[:16], progress=False)
+                pruned, plan = res.model, res.plan
             out[f"{family}/{name}"] = {
                 "kept": [(lp.kept_heads, lp.kept_kv_heads, lp.kept_neurons) for lp in plan.layers],
                 "keep": [(lp.attn_keep_target, lp.mlp_keep_target) for lp in plan.layers],
@@ -171,7 +171,7 @@ class _DyingFollower(distributed.FollowerSink):
 
 def _prune_to_folder(folder: str, resume: bool, die: bool) -> dict:
     from structprune import io
-    from structprune.pipeline import prune_model
+    from structprune.api import prune
     from structprune.runtime.source import layers_prefix
 
     out = Path(folder) / "pruned"
@@ -180,8 +180,9 @@ def _prune_to_folder(folder: str, resume: bool, die: bool) -> dict:
     else:
         sink = distributed.rank_sink(lambda: io.ShardWriter(out, resume=resume))
     try:
-        model, plan = prune_model(tiny_model("llama"), windows(N_WINDOWS, 24), _resume_config(), progress=False,
-                                  sink=sink)
+        res = prune(tiny_model("llama"), _resume_config(), calib_windows=windows(N_WINDOWS, 24), progress=False,
+                    sink=sink)
+        model, plan = res.model, res.plan
         sink.finish(model, plan, layers_prefix(model))
     except BaseException:
         sink.abort()
@@ -198,7 +199,7 @@ TASKS = {
 
 def test_killed_rank_fails_cleanly_and_resume_completes(tmp_path):
     from structprune import io
-    from structprune.pipeline import prune_model
+    from structprune.api import prune
 
     codes = _spawn("die", tmp_path, timeout=300)
     assert codes[1] == 17
@@ -211,8 +212,8 @@ def test_killed_rank_fails_cleanly_and_resume_completes(tmp_path):
 
     codes = _spawn("resume", tmp_path, timeout=300)
     assert codes == [0, 0], [p.read_text() for p in tmp_path.glob("error-*.txt")]
-    single_model, single_plan = prune_model(tiny_model("llama"), windows(N_WINDOWS, 24), _resume_config(),
-                                            progress=False)
+    single = prune(tiny_model("llama"), _resume_config(), calib_windows=windows(N_WINDOWS, 24), progress=False)
+    single_model, single_plan = single.model, single.plan
     resumed = io.load_pruned(tmp_path / "pruned")
     assert torch.load(tmp_path / "result.pt", weights_only=False)["kept"] == [
         (lp.kept_heads, lp.kept_kv_heads, lp.kept_neurons) for lp in single_plan.layers]

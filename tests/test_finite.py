@@ -12,7 +12,7 @@ from test_layouts import layout_model
 
 import structprune as sp
 from structprune.arch import get_adapter
-from structprune.methods import METHODS, method_config
+from structprune.methods import PRESETS as METHODS, method_config
 from structprune.allocation.budget import max_sparsity
 
 # one shrunk real layout per family (test_layouts.py)

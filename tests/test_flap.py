@@ -8,7 +8,7 @@ from conftest import logits, tiny_model, windows
 
 import structprune as sp
 from structprune.arch import get_adapter
-from structprune.flap import compensation, standardise, unit_scores
+from structprune.methods.flap import compensation, standardise, unit_scores
 from structprune.methods import method_config
 
 

@@ -8,7 +8,7 @@ from conftest import logits, tiny_model, windows
 
 import structprune as sp
 from structprune.arch import get_adapter
-from structprune.global_taylor import accumulate_taylor, global_selection, prune_global
+from structprune.methods.global_taylor import accumulate_taylor, global_selection, prune_global
 from structprune.surgery import get_weight, head_columns
 
 
@@ -110,3 +110,10 @@ def test_selection_attention_only_respects_flags():
     assert all(s.keep_n.numel() == dense.intermediate_size for s in sels)
     assert any(s.keep_q.numel() < dense.num_heads for s in sels)
     assert all(0 not in s.keep_q.tolist() or s.keep_q.numel() == dense.num_heads for s in sels)
+
+
+def test_adapter_says_whether_q_k_v_is_one_fused_module(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model.config)
+    q, k, v = adapter.q_k_v(adapter.decoder_layers(model)[0])
+    assert adapter.fused_qkv == (q is k and k is v)

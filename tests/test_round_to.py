@@ -49,7 +49,8 @@ def test_round_to_keeps_multiples_and_meets_sparsity(sparsity, allocation):
 
 
 def test_round_to_validation_and_cli():
-    from structprune.cli import _config, build_parser
+    from structprune.cli import build_parser
+    from structprune.cli_options import config_from_args as _config
 
     with pytest.raises(ValueError, match="round_to"):
         sp.PruneConfig(round_to=0)

@@ -5,7 +5,7 @@ from .api import evaluate_perplexity, finetune, prune
 from .config import PruneConfig
 from .evaluate import perplexity
 from .io import load_pruned, save_pruned
-from .pipeline import PruneResult
+from .methods.output import PruneResult
 from .plan import PrunePlan
 
 __all__ = ["PruneConfig", "PrunePlan", "PruneResult", "evaluate_perplexity", "finetune", "load_pruned", "perplexity",

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .config import PruneConfig
-from .data import NAMED_TEXTS, eval_windows, held_back_count, load_text, split_windows, tokenize
+from .data import NAMED_TEXTS, eval_windows, load_text, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +197,8 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
 
     from .arch import get_adapter
     from .loading import load_model
+    from .api import calibration_data
     from .methods import method_config
-    from .planning import needs_holdout
     from .runtime.device import resolve_device
 
     _check_disjoint(settings)
@@ -222,11 +222,9 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
     device = resolve_device(settings.device)
     model, tok = load_model(settings.model)
     adapter = get_adapter(model.config)
-    calib_cfg = PruneConfig(nsamples=settings.nsamples, seqlen=settings.seqlen, calib=settings.calib)
-    calib_ids = tokenize(tok, load_text(settings.calib, split="calib"))
-    # one draw for every cell (data.split_windows): the held-back windows come from the budget
-    calib, _ = split_windows(calib_ids, settings.nsamples, settings.seqlen, calib_cfg.seed,
-                             held_back_count(settings.nsamples, False))
+    # the reference forward's windows: those of a cell that searches nothing on held-back data
+    calib_cfg = PruneConfig(nsamples=settings.nsamples, seqlen=settings.seqlen, calib=settings.calib, rho=1.0)
+    calib = calibration_data(tok, calib_cfg)
     evals = {t: eval_windows(tokenize(tok, load_text(t, split="eval")), settings.seqlen, settings.windows)
              for t in settings.texts}
 
@@ -263,8 +261,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
                             calib=settings.calib, device=settings.device, **settings.overrides)
         masks = sp.PrunePlan.load(plans / settings.plan_name(cell_key(settings.masks_from, '', s))) \
             if settings.masks_from else None
-        cell_calib, holdout = split_windows(calib_ids, cfg.nsamples, cfg.seqlen, cfg.seed,
-                                            held_back_count(cfg.nsamples, needs_holdout(cfg)))
+        cell_calib, holdout = calibration_data(tok, cfg, holdout=True)  # drawn outside the timed call
         rss_before = rss_bytes()
         exact = reset_peak_rss()
         if device.type == "cuda":

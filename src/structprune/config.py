@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "sensitivity", "flap")
+LAYER_ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "sensitivity")  # layer pipeline
+ALLOCATIONS = (*LAYER_ALLOCATIONS, "flap")
 SENSITIVITIES = ("exact", "linear")
 FLAP_STANDARDISE = ("layer", "kind")
 RECONSTRUCTIONS = ("none", "lstsq", "admm")
@@ -38,7 +39,7 @@ class PruneConfig:
 
     sparsity: ACTUAL fraction of decoder linear weight parameters to remove (PROTOCOL.md).
     scope: "layer" (STRUPRUNE: one layer at a time) or "global" (the O(N) baseline: whole model
-        on the device, first-order Taylor ranking of all units together; global_taylor.py).
+        on the device, first-order Taylor ranking of all units together; methods/global_taylor.py).
     nsamples / seqlen: calibration windows and their length in tokens. The least-squares re-fit is
         data-hungry: on SmolLM2-135M (softmax allocation, FFN only) 16 x 512 windows gave 24.49 / 32.52 /
         59.40 perplexity at 20 / 30 / 50%, the default 64 x 512 gives 22.02 / 28.25 / 53.51 (relative
@@ -54,7 +55,7 @@ class PruneConfig:
         Surgeon on the consumer's Gram matrix, removing the units whose loss the least-squares
         re-fit of the others can best absorb; heads by their block OBS cost). Needs a re-fit.
     allocation: how the budget is spread over layers and modules. "flap": FLAP's global
-        ranking of standardised fluctuation scores (flap.py; no re-fit, reconstruction "none").
+        ranking of standardised fluctuation scores (methods/flap.py; no re-fit, reconstruction "none").
         "sensitivity": each module's held-back loss increase is measured when it alone is pruned
         (and re-fitted) at a few ratios, and the budget goes where the summed increase is least
         (sensitivity.py; SmolLM2-135M, FFN only, 64 x 512: 19.52 / 26.47 at 20 / 30%, 3-4x the
@@ -155,10 +156,7 @@ class PruneConfig:
         _check(self.sensitivity in SENSITIVITIES, "sensitivity", self.sensitivity, f"choose one of {SENSITIVITIES}")
         _check(self.reconstruction in RECONSTRUCTIONS, "reconstruction", self.reconstruction,
                f"choose one of {RECONSTRUCTIONS}")
-        _check(self.allocation != "flap" or self.reconstruction == "none", "reconstruction",
-               self.reconstruction, "allocation 'flap' re-fits no weight; use reconstruction 'none'")
-        _check(self.allocation != "flap" or self.scope == "layer", "scope", self.scope,
-               "allocation 'flap' is its own whole-model ranking; use scope 'layer'")
+        self._check_flap()
         _check(self.flap_standardise in FLAP_STANDARDISE, "flap_standardise", self.flap_standardise,
                f"choose one of {FLAP_STANDARDISE}")
         _check(self.target in TARGETS, "target", self.target, f"choose one of {TARGETS}")
@@ -196,9 +194,25 @@ class PruneConfig:
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
         _check(isinstance(self.round_to, int) and self.round_to >= 1, "round_to", self.round_to,
                "use a whole number >= 1 (kept FFN neurons per layer a multiple of it)")
-        _check(self.round_to == 1 or (self.scope == "layer" and self.allocation != "flap"), "round_to",
+        _check(self.round_to == 1 or self.method == "structprune", "round_to",
                self.round_to, "rounding kept neurons is done by the layer pipeline; not with scope 'global' "
                "or allocation 'flap'")
+
+    @property
+    def method(self) -> str:
+        """The registered method (`methods.get_method`) these values select; the one place that
+        maps config values to a method: scope "global" -> "global", allocation "flap" -> "flap",
+        anything else -> "structprune" (the layer pipeline)."""
+        if self.scope == "global":
+            return "global"
+        return "flap" if self.allocation == "flap" else "structprune"
+
+    def _check_flap(self) -> None:
+        """Allocation "flap" is FLAP's own whole-model ranking: no re-fit, not combined with scope global."""
+        _check(self.allocation != "flap" or self.reconstruction == "none", "reconstruction",
+               self.reconstruction, "allocation 'flap' re-fits no weight; use reconstruction 'none'")
+        _check(self.allocation != "flap" or self.scope == "layer", "scope", self.scope,
+               "allocation 'flap' is its own whole-model ranking; use scope 'layer'")
 
     def replace(self, **changes: Any) -> "PruneConfig":
         return dataclasses.replace(self, **changes)

@@ -125,7 +125,7 @@ def _collective(what: str, fn: Callable[[], Any]) -> Any:
 def unsupported(config: Any) -> list[str]:
     """The options of `config` (a PruneConfig) that cannot run sharded yet."""
     out = []
-    if config.scope == "global":
+    if config.method == "global":
         out.append("scope='global' (method 'global': whole-model gradients)")
     if config.reconstruction == "admm":
         out.append("reconstruction='admm' (its iterations read every token's activations)")

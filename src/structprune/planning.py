@@ -25,7 +25,7 @@ from . import allocation as alloc
 from . import distributed
 from .allocation.budget import Key, keep_sets, module_params, prunable_keys, prunable_sparsity
 from .arch import Adapter, get_adapter
-from .config import PruneConfig, temperature_value
+from .config import LAYER_ALLOCATIONS, PruneConfig, temperature_value
 from .importance import column_scores, unit_scores
 from .runtime.stream import LayerStream
 from .stats import GramAccumulator
@@ -193,8 +193,9 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_laye
     """Kept fraction per module for config.allocation (see module docstring). `model`: the output
     skeleton (embeddings and head; its decoder layers are not run), `stream`: the layer-0 inputs of
     the calibration windows, `holdout`: held-back windows for the searches."""
-    if config.allocation == "flap":
-        raise ValueError("allocation='flap' is not a layer-pipeline rule; structprune.prune runs it through flap.py")
+    if config.allocation not in LAYER_ALLOCATIONS:
+        raise ValueError(f"allocation={config.allocation!r} is not a layer-pipeline rule; "
+                         f"choose one of {LAYER_ALLOCATIONS}")
     params = module_params(adapter)
     keys = prunable_keys(config, adapter)
     sparsity = prunable_sparsity(config, adapter)

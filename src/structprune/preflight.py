@@ -92,7 +92,7 @@ def check_reachable(config: Any, model_config: Any) -> None:
         except ValueError as e:
             raise PreflightError(str(e)) from None
         return
-    if config.scope == "global" or config.allocation == "flap":
+    if config.method != "structprune":  # the whole-model rankings (methods global, flap): no cap
         return
     bound = config.max_layer_sparsity
     if config.sparsity > bound + 1e-9:

@@ -94,7 +94,7 @@ def run_speed(pruned: str, dense: str, batches: list[int], devices: list[str], s
               echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Dense vs pruned prefill and decode speed for every device and batch size (see module doc)."""
     from .loading import load_model
-    from .pipeline import decoder_linear_params
+    from .methods.output import decoder_linear_params
     from .arch import get_adapter
 
     models = {"dense": load_model(dense, dtype)[0], "pruned": load_model(pruned, dtype)[0]}

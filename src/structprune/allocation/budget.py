@@ -87,7 +87,7 @@ def max_sparsity(adapter: Adapter, modules: str = "both", max_layer_sparsity: fl
 def check_reachable(config: PruneConfig, adapter: Adapter) -> None:
     """ValueError, before any work, when config.sparsity is above `max_sparsity` for this model.
     The whole-model rankings (scope global, allocation flap) apply no per-module cap."""
-    if config.scope == "global" or config.allocation == "flap":
+    if config.method != "structprune":  # the whole-model rankings (methods global, flap)
         config = config.replace(max_layer_sparsity=1.0)
     modules = config_modules(config)
     mlp_only_rho = (config.allocation == "uniform" and modules == "both" and config.rho != "auto"

@@ -76,6 +76,7 @@ class Adapter:
     gated: ClassVar[bool] = False  # MLP is act(gate x) * (up x)
     # attributes of a decoder layer that the model's forward reads (e.g. to choose a sliding mask)
     layer_attribute_names: ClassVar[tuple[str, ...]] = ()
+    fused_qkv: ClassVar[bool] = False  # q_k_v returns one module three times, rows laid out q | k | v
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -13,6 +13,7 @@ from .base import Adapter, LayerShape, register
 class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
     gated = False
+    fused_qkv = True  # c_attn
 
     @property
     def num_layers(self) -> int:

@@ -36,13 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Adapter, get_adapter
-from .config import PruneConfig
-from .pipeline import clean_copy, decoder_linear_params, finish, total_params
-from .plan import LayerPlan, PrunePlan
-from .selection import select_heads
-from .runtime.device import resolve_device
-from .surgery import get_weight
+from ..arch import Adapter, get_adapter
+from ..config import PruneConfig
+from ..plan import LayerPlan, PrunePlan
+from ..selection import select_heads
+from ..runtime.device import resolve_device
+from ..runtime.source import LayerSource
+from ..surgery import get_weight
+from . import register_method
+from .output import clean_copy, decoder_linear_params, finish, total_params
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def layer_taylor(adapter: Adapter, layer: nn.Module) -> LayerTaylor:
     shape = adapter.layer_shape(layer)
     hd = adapter.head_dim
     q, k, v = adapter.q_k_v(layer)
-    if q is k and k is v:  # one fused projection, rows laid out q | k | v
+    if adapter.fused_qkv:  # one fused projection, rows laid out q | k | v
         rows = _weight_times_grad(q).sum(1)
         q_rows, k_rows, v_rows = rows.split([shape.num_heads * hd, shape.num_kv_heads * hd, shape.num_kv_heads * hd])
     else:
@@ -136,6 +138,8 @@ def global_selection(
     standardised ones); parameter costs then enter only through the removal budget.
     Returns per-layer selections and {"threshold": score per parameter of the last unit
     removed, "removed_units": count, "actual_sparsity": realised fraction}.
+    A pure maths kernel (tensors in, selections out), kept whole: the ranking, the binary search
+    and `realise` read together.
     """
     shape = adapter.dense_shape()
     n_layers = len(head_scores)
@@ -318,3 +322,12 @@ def prune_global(model: nn.Module, windows: torch.Tensor, config: PruneConfig, p
                  sel.keep_kv.numel(), dense_shape.num_kv_heads, sel.keep_n.numel(), dense_shape.intermediate_size)
     return finish(model.config, out, adapter, config, plans, dense_params, total_dense, {"rule": RULE, **info},
                   {"gradient_seconds": t_grad, "prune_seconds": time.perf_counter() - t0})
+
+
+@register_method("global", whole_model=True)
+def run(model: nn.Module | LayerSource, windows: torch.Tensor, holdout: torch.Tensor | None, config: PruneConfig,
+        progress: bool, masks: PrunePlan | None, sink: object) -> tuple[nn.Module, PrunePlan]:
+    """The global Taylor baseline as a registered method: a LayerSource is copied whole to
+    the host first (`clean_copy`), then `prune_global`."""
+    whole = model if isinstance(model, nn.Module) else clean_copy(model)
+    return prune_global(whole, windows, config, progress=progress)

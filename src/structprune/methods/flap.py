@@ -35,24 +35,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed
-from .arch import Adapter, get_adapter
-from .config import PruneConfig
-from .global_taylor import global_selection
-from .importance import column_scores
-from .pipeline import decoder_params, finish, open_output
-from .plan import LayerPlan, PrunePlan
-from .planning import dense_consumer_stats
-from .runtime.device import resolve_device
-from .runtime.hooks import calibration_mode
-from .runtime.source import LayerSource, ModelSource, layers_prefix
-from .runtime.stream import LayerStream, device_batch
-from .surgery import get_bias, get_weight, head_columns
+from .. import distributed
+from ..arch import Adapter, get_adapter
+from ..config import FLAP_STANDARDISE, PruneConfig
+from ..importance import column_scores
+from ..plan import LayerPlan, PrunePlan
+from ..planning import dense_consumer_stats
+from ..runtime.device import resolve_device
+from ..runtime.hooks import calibration_mode
+from ..runtime.source import LayerSource, ModelSource, layers_prefix
+from ..runtime.stream import LayerStream, device_batch
+from ..surgery import get_bias, get_weight, head_columns
+from . import register_method
+from .global_taylor import Selection, global_selection
+from .output import decoder_params, finish, open_output
 
 log = logging.getLogger(__name__)
 
 RULE = "flap"
-STANDARDISE = ("layer", "kind")
 
 
 @dataclass
@@ -83,8 +83,8 @@ def unit_scores(attn_cols: list[torch.Tensor], neurons: list[torch.Tensor], head
     attn_cols[i]: o_proj column metrics of layer i; neurons[i]: down_proj
     column metrics. per="layer": standardise each layer's module on its own (reference code);
     per="kind": standardise all layers' attention columns together, likewise the neurons."""
-    if per not in STANDARDISE:
-        raise ValueError(f"per={per!r} is invalid: choose one of {STANDARDISE}")
+    if per not in FLAP_STANDARDISE:
+        raise ValueError(f"per={per!r} is invalid: choose one of {FLAP_STANDARDISE}")
     if per == "layer":
         attn = [standardise(a) for a in attn_cols]
         mlp = [standardise(n) for n in neurons]
@@ -141,6 +141,36 @@ def _compensate(module: nn.Module, dense_weight: torch.Tensor, mean: torch.Tenso
     return float(delta.norm())
 
 
+def _prune_layer(adapter: Adapter, dense: nn.Module, sel: Selection, stats: LayerFluctuation,
+                 fields: dict[str, bool], compensate: bool, warned: set[str]
+                 ) -> tuple[nn.Module, dict[str, dict[str, float]]]:
+    """A pruned copy of one dense layer (zero biases added where `fields` say) with the removed
+    units' mean output added to the consumer biases when `compensate`; returns (layer, recon)."""
+    shape = adapter.dense_shape()
+    hd = adapter.head_dim
+    layer = copy.deepcopy(dense)
+    if fields:
+        adapter.add_zero_biases(layer, fields)
+    recon: dict[str, dict[str, float]] = {}
+    if sel.keep_q.numel() < shape.num_heads:
+        o_weight = get_weight(adapter.o_proj(layer)).detach().clone()
+        removed = torch.ones(shape.num_heads * hd, dtype=torch.bool)
+        removed[head_columns(sel.keep_q, hd)] = False
+        adapter.slice_heads(layer, sel.keep_q, sel.keep_kv)
+        if compensate:
+            recon["attn"] = {"bias_norm": _compensate(adapter.o_proj(layer), o_weight, stats.attn_mean,
+                                                      removed.nonzero().flatten(), "o_proj", warned)}
+    if sel.keep_n.numel() < shape.intermediate_size:
+        d_weight = get_weight(adapter.down_proj(layer)).detach().clone()
+        removed = torch.ones(shape.intermediate_size, dtype=torch.bool)
+        removed[sel.keep_n] = False
+        adapter.slice_neurons(layer, sel.keep_n)
+        if compensate:
+            recon["mlp"] = {"bias_norm": _compensate(adapter.down_proj(layer), d_weight, stats.mlp_mean,
+                                                     removed.nonzero().flatten(), "down_proj", warned)}
+    return layer, recon
+
+
 def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: PruneConfig, progress: bool = True,
                sink: object = None) -> tuple[nn.Module, PrunePlan]:
     """Prune `model` (left untouched; an in-memory model or a LayerSource) with FLAP on
@@ -177,26 +207,7 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     plans: list[LayerPlan] = []
     warned: set[str] = set()
     for i, sel in enumerate(selections):
-        layer = copy.deepcopy(source.layer(i))
-        if fields:
-            adapter.add_zero_biases(layer, fields)
-        recon: dict[str, dict[str, float]] = {}
-        if sel.keep_q.numel() < shape.num_heads:
-            o_weight = get_weight(adapter.o_proj(layer)).detach().clone()
-            removed = torch.ones(shape.num_heads * hd, dtype=torch.bool)
-            removed[head_columns(sel.keep_q, hd)] = False
-            adapter.slice_heads(layer, sel.keep_q, sel.keep_kv)
-            if config.bias_compensation:
-                recon["attn"] = {"bias_norm": _compensate(adapter.o_proj(layer), o_weight, stats[i].attn_mean,
-                                                          removed.nonzero().flatten(), "o_proj", warned)}
-        if sel.keep_n.numel() < shape.intermediate_size:
-            d_weight = get_weight(adapter.down_proj(layer)).detach().clone()
-            removed = torch.ones(shape.intermediate_size, dtype=torch.bool)
-            removed[sel.keep_n] = False
-            adapter.slice_neurons(layer, sel.keep_n)
-            if config.bias_compensation:
-                recon["mlp"] = {"bias_norm": _compensate(adapter.down_proj(layer), d_weight, stats[i].mlp_mean,
-                                                         removed.nonzero().flatten(), "down_proj", warned)}
+        layer, recon = _prune_layer(adapter, source.layer(i), sel, stats[i], fields, config.bias_compensation, warned)
         layers[i] = layer.eval()
         if sink is not None:
             sink.write_layer(i, prefix, layer)
@@ -212,3 +223,10 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     info = {"rule": RULE, "standardise": config.flap_standardise, "bias_fields": sorted(fields), **info}
     return finish(source.config, out, adapter, config, plans, dense_params, total_dense, info,
                   {"score_seconds": t_scores, "prune_seconds": time.perf_counter() - t0})
+
+
+@register_method("flap", sink=True, distributed=True)
+def run(model: nn.Module | LayerSource, windows: torch.Tensor, holdout: torch.Tensor | None, config: PruneConfig,
+        progress: bool, masks: PrunePlan | None, sink: object) -> tuple[nn.Module, PrunePlan]:
+    """FLAP as a registered method: `prune_flap` (no held-back windows, no masks)."""
+    return prune_flap(model, windows, config, progress=progress, sink=sink)
