@@ -175,7 +175,7 @@ def prepare_tokenizer(cache: Path) -> Path:
 
     from transformers import AutoTokenizer
 
-    from structprune.loading import BUILTIN
+    from structprune.io.resolve import BUILTIN
 
     folder = cache / "tokenizer"
     if (folder / "tokenizer_config.json").is_file():

@@ -28,7 +28,7 @@ from structprune import sensitivity_linear
 from structprune.arch import get_adapter
 from structprune.config import PruneConfig
 from structprune.data import calibration_windows, load_text, tokenize
-from structprune.loading import load_model
+from structprune.io.resolve import load_model
 from structprune.plan import PrunePlan
 from structprune.planning import module_params, prunable_keys, prunable_sparsity
 from structprune.sensitivity import fractions

@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import llama_cpp
 
-    from structprune.loading import ALIASES, BUILTIN, _builtin_gguf
+    from structprune.io.resolve import ALIASES, BUILTIN, builtin_gguf
 
     key = ALIASES.get(args.tokenizer_from.lower(), args.tokenizer_from.lower())
-    tok_from = _builtin_gguf(key) if key in BUILTIN else Path(args.tokenizer_from)
+    tok_from = builtin_gguf(key) if key in BUILTIN else Path(args.tokenizer_from)
     rng = np.random.default_rng(0)
     result = {"pruned": str(args.pruned), "dense": args.dense, "llama_cpp_python": llama_cpp.__version__,
               "threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.gen,

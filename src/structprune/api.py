@@ -12,7 +12,7 @@ from . import distributed
 from .config import PruneConfig
 from .data import calibration_windows, eval_windows, held_back_count, load_text, split_windows, tokenize
 from .evaluate import perplexity
-from .loading import open_for_pruning
+from .io.resolve import open_for_pruning
 from .pipeline import PruneResult, prune_model
 from .planning import needs_holdout
 from .source import LayerSource

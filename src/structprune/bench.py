@@ -196,7 +196,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
     import structprune as sp
 
     from .arch import get_adapter
-    from .loading import load_model
+    from .io.resolve import load_model
     from .methods import method_config
     from .planning import needs_holdout
     from .streaming import resolve_device

@@ -115,7 +115,7 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
     import torch
 
     from . import api, distributed, io, preflight
-    from .loading import load_model, open_for_pruning
+    from .io.resolve import load_model, open_for_pruning
     from .streaming import resolve_device
 
     config = _config(args)
@@ -184,7 +184,7 @@ def cmd_prune(args: argparse.Namespace, evaluate: bool = False) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import api, preflight
-    from .loading import load_model
+    from .io.resolve import load_model
 
     if args.tasks:  # lm-eval tasks: no perplexity text or windows to check
         return cmd_tasks(args)
@@ -204,7 +204,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from . import preflight
     from .bench import write_atomic
     from .harness import run_tasks
-    from .loading import load_model
+    from .io.resolve import load_model
     from .modelfiles import check_model_spec
     from .streaming import resolve_device
 
@@ -386,7 +386,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import api, io
-    from .loading import load_model
+    from .io.resolve import load_model
 
     if not io.is_pruned_folder(args.model):
         raise ValueError(f"{args.model} is not a structprune output folder; prune it first (structprune prune)")

@@ -93,7 +93,7 @@ def run_speed(pruned: str, dense: str, batches: list[int], devices: list[str], s
               prompt_len: int = 32, new_tokens: int = 32, repeats: int = 5, dtype: str = "float32",
               echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Dense vs pruned prefill and decode speed for every device and batch size (see module doc)."""
-    from .loading import load_model
+    from .io.resolve import load_model
     from .pipeline import decoder_linear_params
     from .arch import get_adapter
 
