@@ -473,7 +473,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from .bench.report import report
 
     for path in report(args.path):
         print(path)
