@@ -23,7 +23,7 @@ import torch
 
 from structprune.api import evaluate_perplexity
 from structprune.data import eval_windows, load_text, tokenize
-from structprune.gguf_export import export_gguf
+from structprune.io.gguf_export import export_gguf
 from structprune.io.resolve import ALIASES, BUILTIN, builtin_gguf, load_model
 
 RESULTS = Path(__file__).parent / "results"

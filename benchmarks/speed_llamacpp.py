@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from structprune.gguf_export import export_model
+from structprune.io.gguf_export import export_model
 
 RESULTS = Path(__file__).parent / "results"
 

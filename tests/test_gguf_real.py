@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from structprune.arch import get_adapter
-from structprune.gguf_export import export_gguf, tensor_types
+from structprune.io.gguf_export import export_gguf, tensor_types
 from structprune.io.resolve import builtin_gguf, load_model
 
 pytestmark = pytest.mark.slow

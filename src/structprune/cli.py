@@ -347,7 +347,7 @@ def _add_export_options(x: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .gguf_export import export_model
+    from .io.gguf_export import export_model
 
     report = export_model(args.model, args.out, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
                           tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite)
