@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -333,7 +334,7 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, final: bool) -> No
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=None, choices=sorted(OPT_SIZES),
                    help="OPT shapes (default 125m 350m 1.3b; --quick: 125m 350m)")
@@ -353,8 +354,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="run nothing: join the rows of earlier runs (same settings, e.g. sizes run in "
                         "separate processes; a later file's row replaces an earlier one of the same size and "
                         "method) into OUT.json / OUT.png and print the table")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return p
+
+
+def _settle(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on --quick and the device; refuse an unknown dtype."""
     args.sizes = args.sizes or (["125m", "350m"] if args.quick else ["125m", "350m", "1.3b"])
     args.nsamples = args.nsamples or (2 if args.quick else 4)
     args.seqlen = args.seqlen or (128 if args.quick else 256)
@@ -365,13 +369,62 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype not in DTYPE_BYTES:
         raise SystemExit(f"--dtype {args.dtype!r} is invalid: choose one of {sorted(DTYPE_BYTES)} or auto")
 
+
+def _merge(args: argparse.Namespace) -> int:
+    """--merge: join the rows of earlier runs into OUT.json / OUT.png (a later row wins)."""
+    joined: dict[tuple, dict] = {}  # a later file's row replaces an earlier one of the same size and method
+    for f in args.merge:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            joined[(r["size"], r["method"])] = r
+    write_outputs(sorted(joined.values(), key=lambda r: (r["params"], r["method"])), args, final=True)
+    return 0
+
+
+def _measure_size(size: str, args: argparse.Namespace, cache: Path, tokenizer: Any, calib: Any,
+                  env: dict[str, str], logs: Path, rows: list[dict]) -> None:
+    """Measure every method on OPT-`size`, appending to `rows` (skips predicted not to fit)."""
+    specs = tensor_specs(opt_config(size))
+    n_params = sum(math.prod(s) for _, s in specs)
+    base = {"size": size, "params": n_params, "layer_params": layer_params(specs),
+            "model_bytes": n_params * DTYPE_BYTES[args.dtype],
+            "layer_bytes": layer_params(specs) * DTYPE_BYTES[args.dtype]}
+    folder, why = prepare_checkpoint(size, cache, tokenizer, base["model_bytes"])
+    ref: float | None = None
+    ref_kind: str | None = None
+    plans = {m: ("" if folder else why) for m in args.methods}
+    for method in args.methods:
+        need = host_need(method, base["model_bytes"], rows)
+        if folder and not args.force and need > 0.9 * available_ram():
+            plans[method] = (f"skipped: predicted host RSS ~{need / GIB:.1f} GiB, "
+                             f"{available_ram() / GIB:.1f} GiB available (--force to try)")
+    if folder:
+        log.warning("OPT-%s: global baseline%s", size, "" if not plans.get("global") else " (reference only)")
+        g = measure_global(folder, args, calib, env, logs, reference_only="global" not in plans
+                           or bool(plans["global"]))
+        ref, ref_kind = g.get("reference_seconds"), g.get("reference")
+        if "global" in plans and not plans["global"]:
+            rows.append({**base, "method": "global", **g, "reference_seconds": ref})
+    if "global" in plans and plans["global"]:
+        rows.append({**base, "method": "global", "status": plans["global"]})
+    if "structprune" in plans:
+        if plans["structprune"]:
+            rows.append({**base, "method": "structprune", "status": plans["structprune"]})
+        else:
+            log.warning("OPT-%s: structprune", size)
+            r = measure_structprune(folder, args, calib, env, logs, cache / f"out-{size}")
+            rows.append({**base, "method": "structprune", **r, "reference_seconds": ref, "reference": ref_kind})
+    for r in rows[-len(args.methods):]:
+        log.warning("  %s %s: %s, host RSS %s MiB, accel %s MiB, %s s", size, r["method"], r["status"],
+                    _mib(r.get("host_peak_rss_bytes")), _mib(r.get("cuda_peak_bytes")), r.get("seconds"))
+    write_outputs(rows, args, final=False)  # a run cut short keeps what it measured
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    _settle(args)
     if args.merge:
-        joined: dict[tuple, dict] = {}  # a later file's row replaces an earlier one of the same size and method
-        for f in args.merge:
-            for r in json.loads(Path(f).read_text())["rows"]:
-                joined[(r["size"], r["method"])] = r
-        write_outputs(sorted(joined.values(), key=lambda r: (r["params"], r["method"])), args, final=True)
-        return 0
+        return _merge(args)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     logs = cache / "logs"
@@ -384,40 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     sizes = sorted(args.sizes, key=lambda s: opt_config(s).hidden_size * opt_config(s).num_hidden_layers)
     for size in sizes:
-        specs = tensor_specs(opt_config(size))
-        n_params = sum(math.prod(s) for _, s in specs)
-        base = {"size": size, "params": n_params, "layer_params": layer_params(specs),
-                "model_bytes": n_params * DTYPE_BYTES[args.dtype],
-                "layer_bytes": layer_params(specs) * DTYPE_BYTES[args.dtype]}
-        folder, why = prepare_checkpoint(size, cache, tokenizer, base["model_bytes"])
-        ref: float | None = None
-        ref_kind: str | None = None
-        plans = {m: ("" if folder else why) for m in args.methods}
-        for method in args.methods:
-            need = host_need(method, base["model_bytes"], rows)
-            if folder and not args.force and need > 0.9 * available_ram():
-                plans[method] = (f"skipped: predicted host RSS ~{need / GIB:.1f} GiB, "
-                                 f"{available_ram() / GIB:.1f} GiB available (--force to try)")
-        if folder:
-            log.warning("OPT-%s: global baseline%s", size, "" if not plans.get("global") else " (reference only)")
-            g = measure_global(folder, args, calib, env, logs, reference_only="global" not in plans
-                               or bool(plans["global"]))
-            ref, ref_kind = g.get("reference_seconds"), g.get("reference")
-            if "global" in plans and not plans["global"]:
-                rows.append({**base, "method": "global", **g, "reference_seconds": ref})
-        if "global" in plans and plans["global"]:
-            rows.append({**base, "method": "global", "status": plans["global"]})
-        if "structprune" in plans:
-            if plans["structprune"]:
-                rows.append({**base, "method": "structprune", "status": plans["structprune"]})
-            else:
-                log.warning("OPT-%s: structprune", size)
-                r = measure_structprune(folder, args, calib, env, logs, cache / f"out-{size}")
-                rows.append({**base, "method": "structprune", **r, "reference_seconds": ref, "reference": ref_kind})
-        for r in rows[-len(args.methods):]:
-            log.warning("  %s %s: %s, host RSS %s MiB, accel %s MiB, %s s", size, r["method"], r["status"],
-                        _mib(r.get("host_peak_rss_bytes")), _mib(r.get("cuda_peak_bytes")), r.get("seconds"))
-        write_outputs(rows, args, final=False)  # a run cut short keeps what it measured
+        _measure_size(size, args, cache, tokenizer, calib, env, logs, rows)
 
     write_outputs(rows, args, final=True)
     return 0
