@@ -18,7 +18,7 @@ import torch
 from structprune.api import calibration_data
 from structprune.config import PruneConfig
 from structprune.methods.global_taylor import prune_global
-from structprune.loading import load_model
+from structprune.io.resolve import load_model
 from structprune.runtime.device import resolve_device
 
 

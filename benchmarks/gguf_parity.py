@@ -23,8 +23,8 @@ import torch
 
 from structprune.api import evaluate_perplexity
 from structprune.data import eval_windows, load_text, tokenize
-from structprune.gguf_export import export_gguf
-from structprune.loading import ALIASES, BUILTIN, _builtin_gguf, load_model
+from structprune.io.gguf_export import export_gguf
+from structprune.io.resolve import ALIASES, BUILTIN, builtin_gguf, load_model
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "The capital of France is"
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp
 
     key = ALIASES.get(args.tokenizer_from.lower(), args.tokenizer_from.lower())
-    tok_from = _builtin_gguf(key) if key in BUILTIN else Path(args.tokenizer_from)
+    tok_from = builtin_gguf(key) if key in BUILTIN else Path(args.tokenizer_from)
     model, tok = load_model(args.model, "float32")
     windows = eval_windows(tokenize(tok, load_text("wiki", split="eval")), args.seqlen, args.windows)
     t0 = time.perf_counter()

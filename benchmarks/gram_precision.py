@@ -21,7 +21,7 @@ import torch
 
 from structprune.config import PruneConfig
 from structprune.api import calibration_data
-from structprune.loading import load_model
+from structprune.io.resolve import load_model
 from structprune.reconstruct.lstsq import refit_consumer
 from structprune.stats import GramAccumulator
 

@@ -60,7 +60,7 @@ TABLES = {  # output name: (cells, calibration windows)
 
 
 def build(cells: list[tuple[str, str, str]], nsamples: int) -> dict:
-    from structprune.bench import _settings_from_protocol
+    from structprune.bench import settings_from_protocol
 
     expected = {"model": "smollm2-135m", "nsamples": nsamples, "seqlen": 512, "windows": 64, "calib": "wiki"}
     out: dict = {"cells": {}, "sources": {}}
@@ -70,7 +70,7 @@ def build(cells: list[tuple[str, str, str]], nsamples: int) -> dict:
             print(f"skipped {source}: not there", file=sys.stderr)
             continue
         run = json.loads(path.read_text())
-        recorded = run.get("settings") or _settings_from_protocol(run.get("protocol")) or {}
+        recorded = run.get("settings") or settings_from_protocol(run.get("protocol")) or {}
         settings = {k: recorded.get(k) for k in expected}
         if settings != expected:
             raise ValueError(f"{source} was run with {settings}, not {expected}")
@@ -85,7 +85,7 @@ def build(cells: list[tuple[str, str, str]], nsamples: int) -> dict:
 
 def main() -> None:
     from structprune.bench import render, write_atomic
-    from structprune.report import report
+    from structprune.bench.report import report
 
     for name, (cells, nsamples) in TABLES.items():
         headline = build(cells, nsamples)

@@ -34,17 +34,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_report import METHODS, markdown_table, mib_text, plot, slope_text, slopes  # noqa: E402
 from opt_shapes import OPT_SIZES, is_complete, layer_params, opt_config, tensor_specs, write_checkpoint  # noqa: E402
 
 log = logging.getLogger("memory")
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-METHODS = ("structprune", "global")
 GIB = 1 << 30
 MIB = 1 << 20
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -52,108 +52,6 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 # afterwards the measured figures are extrapolated. --force skips the check.
 HOST_FACTOR = {"structprune": 2.5, "global": 3.5}
 CHECKPOINT_DTYPE = torch.float16
-
-
-# --- pure: slopes, table, plot ---------------------------------------------------------------
-
-def fit_slope(params: list[float], peaks: list[float | None]) -> float | None:
-    """Slope of log(peak) against log(params) by least squares; None with fewer than two points."""
-    pts = [(p, m) for p, m in zip(params, peaks) if m is not None and m > 0 and p > 0]
-    if len(pts) < 2 or len({p for p, _ in pts}) < 2:
-        return None
-    x = np.log([p for p, _ in pts])
-    y = np.log([m for _, m in pts])
-    return float(np.polyfit(x, y, 1)[0])
-
-
-def slopes(rows: list[dict]) -> dict[str, dict[str, float | None]]:
-    """{method: {"cuda": slope of peak accelerator memory, "host": slope of peak host RSS}}."""
-    out: dict[str, dict[str, float | None]] = {}
-    for method in METHODS:
-        mine = [r for r in rows if r["method"] == method and r["status"] == "ok"]
-        out[method] = {
-            "cuda": fit_slope([r["params"] for r in mine], [r.get("cuda_peak_bytes") for r in mine]),
-            "host": fit_slope([r["params"] for r in mine], [r.get("host_peak_rss_bytes") for r in mine]),
-        }
-    return out
-
-
-def _mib(x: float | None) -> str:
-    return "n/a" if x is None else f"{x / MIB:,.0f}"
-
-
-def _ratio(x: float | None, ref: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None or not ref else f"{x / ref:.{digits}f}"
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """One row per (size, method): sizes, peaks in MiB and against the model / one layer, time."""
-    head = ("| size | params | model MiB | layer MiB | method | accel peak MiB | accel/model | accel/layer "
-            "| host RSS MiB | RSS/model | time s | of it allocation s | time / dense fwd | actual sparsity | status |")
-    lines = [head, head_rule(head)]
-    for r in rows:
-        cuda = r.get("cuda_peak_bytes")
-        rss = r.get("host_peak_rss_bytes")
-        sec = r.get("seconds")
-        sp = r.get("actual_sparsity")
-        alloc = r.get("allocation_seconds")
-        lines.append(
-            f"| {r['size']} | {r['params'] / 1e6:,.0f}M | {_mib(r['model_bytes'])} | {_mib(r['layer_bytes'])} "
-            f"| {r['method']} | {_mib(cuda)} | {_ratio(cuda, r['model_bytes'])} | {_ratio(cuda, r['layer_bytes'], 1)} "
-            f"| {_mib(rss)} | {_ratio(rss, r['model_bytes'])} | {'n/a' if sec is None else f'{sec:.1f}'} "
-            f"| {'n/a' if alloc is None else f'{alloc:.1f}'} | {_ratio(sec, r.get('reference_seconds'), 1)} | {'n/a' if sp is None else f'{sp:.3f}'} "
-            f"| {r['status']} |")
-    return "\n".join(lines)
-
-
-def _slope(s: float | None) -> str:
-    return "n/a" if s is None else f"{s:.2f}"
-
-
-def head_rule(head: str) -> str:
-    return "|" + "---|" * (head.count("|") - 1)
-
-
-def plot(rows: list[dict], fitted: dict[str, dict[str, float | None]], path: Path, title: str) -> None:
-    """Log-log peak memory against parameter count, one panel per measured memory kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = [k for k, key in (("cuda", "cuda_peak_bytes"), ("host", "host_peak_rss_bytes"))
-             if any(r.get(key) for r in rows)]
-    if not kinds:
-        return
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        key = "cuda_peak_bytes" if kind == "cuda" else "host_peak_rss_bytes"
-        for method, marker in zip(METHODS, ("o", "s")):
-            pts = sorted((r["params"], r[key]) for r in rows
-                         if r["method"] == method and r["status"] == "ok" and r.get(key))
-            if not pts:
-                continue
-            x, y = np.array([p for p, _ in pts], float), np.array([m for _, m in pts], float) / MIB
-            s = fitted[method][kind]
-            label = f"{method} (slope {s:.2f})" if s is not None else method
-            line = ax.loglog(x, y, marker=marker, linestyle="none", label=label)[0]
-            if s is not None:
-                c = np.polyfit(np.log(x), np.log(y), 1)
-                xs = np.geomspace(x.min(), x.max(), 20)
-                ax.loglog(xs, np.exp(np.polyval(c, np.log(xs))), color=line.get_color(), linewidth=1)
-        sizes = sorted({(r["params"], r["model_bytes"], r["layer_bytes"]) for r in rows})
-        ax.loglog([p for p, _, _ in sizes], [b / MIB for _, b, _ in sizes], "k--", linewidth=0.8, label="whole model")
-        ax.loglog([p for p, _, _ in sizes], [b / MIB for _, _, b in sizes], "k:", linewidth=0.8, label="one layer")
-        ax.set_xlabel("parameters")
-        ax.set_ylabel("MiB")
-        ax.set_title("peak accelerator memory" if kind == "cuda" else "peak host RSS")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # --- plumbing: files, subprocesses -------------------------------------------------------------
@@ -175,7 +73,7 @@ def prepare_tokenizer(cache: Path) -> Path:
 
     from transformers import AutoTokenizer
 
-    from structprune.loading import BUILTIN
+    from structprune.io.resolve import BUILTIN
 
     folder = cache / "tokenizer"
     if (folder / "tokenizer_config.json").is_file():
@@ -328,12 +226,12 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, final: bool) -> No
     print(markdown_table(rows))
     print()
     for method, s in fitted.items():
-        print(f"slope of peak memory vs parameters, {method}: accelerator {_slope(s['cuda'])}, "
-              f"host RSS {_slope(s['host'])}")
+        print(f"slope of peak memory vs parameters, {method}: accelerator {slope_text(s['cuda'])}, "
+              f"host RSS {slope_text(s['host'])}")
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=None, choices=sorted(OPT_SIZES),
                    help="OPT shapes (default 125m 350m 1.3b; --quick: 125m 350m)")
@@ -353,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="run nothing: join the rows of earlier runs (same settings, e.g. sizes run in "
                         "separate processes; a later file's row replaces an earlier one of the same size and "
                         "method) into OUT.json / OUT.png and print the table")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return p
+
+
+def _settle(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on --quick and the device; refuse an unknown dtype."""
     args.sizes = args.sizes or (["125m", "350m"] if args.quick else ["125m", "350m", "1.3b"])
     args.nsamples = args.nsamples or (2 if args.quick else 4)
     args.seqlen = args.seqlen or (128 if args.quick else 256)
@@ -365,13 +266,62 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype not in DTYPE_BYTES:
         raise SystemExit(f"--dtype {args.dtype!r} is invalid: choose one of {sorted(DTYPE_BYTES)} or auto")
 
+
+def _merge(args: argparse.Namespace) -> int:
+    """--merge: join the rows of earlier runs into OUT.json / OUT.png (a later row wins)."""
+    joined: dict[tuple, dict] = {}  # a later file's row replaces an earlier one of the same size and method
+    for f in args.merge:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            joined[(r["size"], r["method"])] = r
+    write_outputs(sorted(joined.values(), key=lambda r: (r["params"], r["method"])), args, final=True)
+    return 0
+
+
+def _measure_size(size: str, args: argparse.Namespace, cache: Path, tokenizer: Any, calib: Any,
+                  env: dict[str, str], logs: Path, rows: list[dict]) -> None:
+    """Measure every method on OPT-`size`, appending to `rows` (skips predicted not to fit)."""
+    specs = tensor_specs(opt_config(size))
+    n_params = sum(math.prod(s) for _, s in specs)
+    base = {"size": size, "params": n_params, "layer_params": layer_params(specs),
+            "model_bytes": n_params * DTYPE_BYTES[args.dtype],
+            "layer_bytes": layer_params(specs) * DTYPE_BYTES[args.dtype]}
+    folder, why = prepare_checkpoint(size, cache, tokenizer, base["model_bytes"])
+    ref: float | None = None
+    ref_kind: str | None = None
+    plans = {m: ("" if folder else why) for m in args.methods}
+    for method in args.methods:
+        need = host_need(method, base["model_bytes"], rows)
+        if folder and not args.force and need > 0.9 * available_ram():
+            plans[method] = (f"skipped: predicted host RSS ~{need / GIB:.1f} GiB, "
+                             f"{available_ram() / GIB:.1f} GiB available (--force to try)")
+    if folder:
+        log.warning("OPT-%s: global baseline%s", size, "" if not plans.get("global") else " (reference only)")
+        g = measure_global(folder, args, calib, env, logs, reference_only="global" not in plans
+                           or bool(plans["global"]))
+        ref, ref_kind = g.get("reference_seconds"), g.get("reference")
+        if "global" in plans and not plans["global"]:
+            rows.append({**base, "method": "global", **g, "reference_seconds": ref})
+    if "global" in plans and plans["global"]:
+        rows.append({**base, "method": "global", "status": plans["global"]})
+    if "structprune" in plans:
+        if plans["structprune"]:
+            rows.append({**base, "method": "structprune", "status": plans["structprune"]})
+        else:
+            log.warning("OPT-%s: structprune", size)
+            r = measure_structprune(folder, args, calib, env, logs, cache / f"out-{size}")
+            rows.append({**base, "method": "structprune", **r, "reference_seconds": ref, "reference": ref_kind})
+    for r in rows[-len(args.methods):]:
+        log.warning("  %s %s: %s, host RSS %s MiB, accel %s MiB, %s s", size, r["method"], r["status"],
+                    mib_text(r.get("host_peak_rss_bytes")), mib_text(r.get("cuda_peak_bytes")), r.get("seconds"))
+    write_outputs(rows, args, final=False)  # a run cut short keeps what it measured
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    _settle(args)
     if args.merge:
-        joined: dict[tuple, dict] = {}  # a later file's row replaces an earlier one of the same size and method
-        for f in args.merge:
-            for r in json.loads(Path(f).read_text())["rows"]:
-                joined[(r["size"], r["method"])] = r
-        write_outputs(sorted(joined.values(), key=lambda r: (r["params"], r["method"])), args, final=True)
-        return 0
+        return _merge(args)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     logs = cache / "logs"
@@ -384,40 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     sizes = sorted(args.sizes, key=lambda s: opt_config(s).hidden_size * opt_config(s).num_hidden_layers)
     for size in sizes:
-        specs = tensor_specs(opt_config(size))
-        n_params = sum(math.prod(s) for _, s in specs)
-        base = {"size": size, "params": n_params, "layer_params": layer_params(specs),
-                "model_bytes": n_params * DTYPE_BYTES[args.dtype],
-                "layer_bytes": layer_params(specs) * DTYPE_BYTES[args.dtype]}
-        folder, why = prepare_checkpoint(size, cache, tokenizer, base["model_bytes"])
-        ref: float | None = None
-        ref_kind: str | None = None
-        plans = {m: ("" if folder else why) for m in args.methods}
-        for method in args.methods:
-            need = host_need(method, base["model_bytes"], rows)
-            if folder and not args.force and need > 0.9 * available_ram():
-                plans[method] = (f"skipped: predicted host RSS ~{need / GIB:.1f} GiB, "
-                                 f"{available_ram() / GIB:.1f} GiB available (--force to try)")
-        if folder:
-            log.warning("OPT-%s: global baseline%s", size, "" if not plans.get("global") else " (reference only)")
-            g = measure_global(folder, args, calib, env, logs, reference_only="global" not in plans
-                               or bool(plans["global"]))
-            ref, ref_kind = g.get("reference_seconds"), g.get("reference")
-            if "global" in plans and not plans["global"]:
-                rows.append({**base, "method": "global", **g, "reference_seconds": ref})
-        if "global" in plans and plans["global"]:
-            rows.append({**base, "method": "global", "status": plans["global"]})
-        if "structprune" in plans:
-            if plans["structprune"]:
-                rows.append({**base, "method": "structprune", "status": plans["structprune"]})
-            else:
-                log.warning("OPT-%s: structprune", size)
-                r = measure_structprune(folder, args, calib, env, logs, cache / f"out-{size}")
-                rows.append({**base, "method": "structprune", **r, "reference_seconds": ref, "reference": ref_kind})
-        for r in rows[-len(args.methods):]:
-            log.warning("  %s %s: %s, host RSS %s MiB, accel %s MiB, %s s", size, r["method"], r["status"],
-                        _mib(r.get("host_peak_rss_bytes")), _mib(r.get("cuda_peak_bytes")), r.get("seconds"))
-        write_outputs(rows, args, final=False)  # a run cut short keeps what it measured
+        _measure_size(size, args, cache, tokenizer, calib, env, logs, rows)
 
     write_outputs(rows, args, final=True)
     return 0

@@ -1,6 +1,6 @@
 """Quality benchmark (PROTOCOL.md): methods x actual sparsity on the default model.
 
-A thin wrapper over `structprune bench quality` (structprune/bench.py), same options; results
+A thin wrapper over `structprune bench quality` (structprune/bench/quality.py), same options; results
 go to benchmarks/results/quality.json unless --out is given (resumable: finished cells are
 kept and skipped). Render a saved run with `structprune report benchmarks/results`.
 
@@ -17,23 +17,23 @@ from pathlib import Path
 
 import torch
 
-from structprune.cli_commands import cmd_bench_quality
-from structprune.cli_options import add_quality_options
+from structprune.cli import main as cli_main
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_quality_options(p, out=str(RESULTS / "quality.json"))
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    """`structprune bench quality ARGV`, its results under benchmarks/results/ unless --out is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true")
+    known, _ = p.parse_known_args(argv)
+    if known.out is None:
+        argv += ["--out", str(RESULTS / ("quality_quick.json" if known.quick else "quality.json"))]
+    logging.basicConfig(level=logging.WARNING)  # before the CLI's own (INFO): this script stays quiet
     torch.manual_seed(0)
-    try:
-        return cmd_bench_quality(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(["bench", "quality", *argv])
 
 
 if __name__ == "__main__":

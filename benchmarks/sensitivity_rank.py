@@ -28,7 +28,7 @@ from structprune.sensitivity import linear
 from structprune.arch import get_adapter
 from structprune.config import PruneConfig
 from structprune.data import calibration_windows, load_text, tokenize
-from structprune.loading import load_model
+from structprune.io.resolve import load_model
 from structprune.plan import PrunePlan
 from structprune.allocation.budget import module_params, prunable_keys, prunable_sparsity
 from structprune.sensitivity import fractions
@@ -112,7 +112,61 @@ class LayerCounter:
             h.remove()
 
 
-def main() -> None:
+def _resummarise(args: argparse.Namespace, ref: PrunePlan) -> None:
+    """--resummarise: recompute the allocation summary of --json from its stored terms."""
+    result = json.loads(Path(args.json).read_text())
+    rc = ref.config
+    keys = [(int(m.split(".")[0]), m.split(".")[1]) for m in ref.allocation["curves"]]
+    keys.sort()
+    params = [lp.dense_shape["intermediate_size"] if k == "mlp" else lp.dense_shape["num_heads"]
+              for i, k in keys for lp in [ref.layers[i]]]
+    if len({k for _, k in keys}) > 1:
+        raise ValueError("--resummarise handles one module kind (parameters per module are then equal up "
+                         "to the shared neuron cost)")
+    result.update(allocation_summary(ref.allocation["curves"], result["terms"], keys, params,
+                                     result["prunable_sparsity"], rc["max_layer_sparsity"]))
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("kept_spearman", "summed_exact_increase", "gap_closed")}))
+
+
+def _rank_table(keys: list, removed: list[float], exact: dict, terms: dict) -> dict:
+    """Per module kind: Spearman of estimate vs exact increase, by fraction and pooled."""
+    table = {}
+    for kind in sorted({k for _, k in keys}):
+        mods = [f"{i}.{k}" for i, k in keys if k == kind]
+        rows = []
+        for j, f in enumerate(removed):
+            ex = [exact[m][j][1] for m in mods]
+            est = [terms[m][j][1] + terms[m][j][2] for m in mods]
+            first = [terms[m][j][1] for m in mods]
+            second = [terms[m][j][2] for m in mods]
+            rows.append({"removed": f, "spearman": spearman(est, ex), "spearman_first": spearman(first, ex),
+                         "spearman_second": spearman(second, ex),
+                         "exact_mean": sum(ex) / len(ex), "estimate_mean": sum(est) / len(est)})
+        pooled_ex = [exact[m][j][1] for m in mods for j in range(len(removed))]
+        pooled_est = [terms[m][j][1] + terms[m][j][2] for m in mods for j in range(len(removed))]
+        table[kind] = {"by_fraction": rows, "spearman_pooled": spearman(pooled_est, pooled_ex)}
+    return table
+
+
+def _print_result(result: dict, table: dict, base: float, seconds: float) -> None:
+    print(f"dense held-back NLL {base:.4f} (reference {result['reference_holdout_nll_dense']})")
+    for kind, t in table.items():
+        print(f"{kind}: pooled Spearman {t['spearman_pooled']:.3f}")
+        print("  removed  spearman  first-only  second-only  exact-mean  estimate-mean")
+        for r in t["by_fraction"]:
+            print(f"  {r['removed']:.3f}    {r['spearman']:+.3f}    {r['spearman_first']:+.3f}      "
+                  f"{r['spearman_second']:+.3f}       {r['exact_mean']:.4f}      {r['estimate_mean']:.4f}")
+    print(f"allocation: Spearman of kept fractions {result['kept_spearman']:.3f}, mean |diff| "
+          f"{result['kept_mean_abs_difference']:.3f}; summed exact increase "
+          + ", ".join(f"{k} {v:.4f}" for k, v in result["summed_exact_increase"].items())
+          + f"; gap uniform -> exact optimum closed {result['gap_closed']:.0%}")
+    print(f"layer forwards {result['layer_forwards']} (exact rule: {result['exact_rule_layer_forwards_formula']}), "
+          f"head calls {result['head_calls']}, {seconds:.0f} s")
+
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--reference", required=True, help="a plan (.json or .json.gz) of the exact rule with curves")
@@ -120,23 +174,15 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--resummarise", action="store_true",
                     help="recompute the allocation summary of an existing --json from its stored terms (no model run)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     ref = PrunePlan.load(args.reference)
     if args.resummarise:
-        result = json.loads(Path(args.json).read_text())
-        rc = ref.config
-        keys = [(int(m.split(".")[0]), m.split(".")[1]) for m in ref.allocation["curves"]]
-        keys.sort()
-        params = [lp.dense_shape["intermediate_size"] if k == "mlp" else lp.dense_shape["num_heads"]
-                  for i, k in keys for lp in [ref.layers[i]]]
-        if len({k for _, k in keys}) > 1:
-            raise ValueError("--resummarise handles one module kind (parameters per module are then equal up "
-                             "to the shared neuron cost)")
-        result.update(allocation_summary(ref.allocation["curves"], result["terms"], keys, params,
-                                         result["prunable_sparsity"], rc["max_layer_sparsity"]))
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: result[k] for k in ("kept_spearman", "summed_exact_increase", "gap_closed")}))
+        _resummarise(args, ref)
         return
     rc = ref.config
     exact = ref.allocation["curves"]
@@ -165,21 +211,7 @@ def main() -> None:
     counter.remove()
     terms = info["terms"]
 
-    table = {}
-    for kind in sorted({k for _, k in keys}):
-        mods = [f"{i}.{k}" for i, k in keys if k == kind]
-        rows = []
-        for j, f in enumerate(removed):
-            ex = [exact[m][j][1] for m in mods]
-            est = [terms[m][j][1] + terms[m][j][2] for m in mods]
-            first = [terms[m][j][1] for m in mods]
-            second = [terms[m][j][2] for m in mods]
-            rows.append({"removed": f, "spearman": spearman(est, ex), "spearman_first": spearman(first, ex),
-                         "spearman_second": spearman(second, ex),
-                         "exact_mean": sum(ex) / len(ex), "estimate_mean": sum(est) / len(est)})
-        pooled_ex = [exact[m][j][1] for m in mods for j in range(len(removed))]
-        pooled_est = [terms[m][j][1] + terms[m][j][2] for m in mods for j in range(len(removed))]
-        table[kind] = {"by_fraction": rows, "spearman_pooled": spearman(pooled_est, pooled_ex)}
+    table = _rank_table(keys, removed, exact, terms)
     params = module_params(ad)
     p = [params[k] for k in keys]
     summary = allocation_summary(exact, terms, keys, p, sparsity, config.max_layer_sparsity)
@@ -200,20 +232,7 @@ def main() -> None:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"dense held-back NLL {base:.4f} (reference {result['reference_holdout_nll_dense']})")
-    for kind, t in table.items():
-        print(f"{kind}: pooled Spearman {t['spearman_pooled']:.3f}")
-        print("  removed  spearman  first-only  second-only  exact-mean  estimate-mean")
-        for r in t["by_fraction"]:
-            print(f"  {r['removed']:.3f}    {r['spearman']:+.3f}    {r['spearman_first']:+.3f}      "
-                  f"{r['spearman_second']:+.3f}       {r['exact_mean']:.4f}      {r['estimate_mean']:.4f}")
-    print(f"allocation: Spearman of kept fractions {result['kept_spearman']:.3f}, mean |diff| "
-          f"{result['kept_mean_abs_difference']:.3f}; summed exact increase "
-          + ", ".join(f"{k} {v:.4f}" for k, v in result["summed_exact_increase"].items())
-          + f"; gap uniform -> exact optimum closed {result['gap_closed']:.0%}")
-    print(f"layer forwards {result['layer_forwards']} (exact rule: {result['exact_rule_layer_forwards_formula']}), "
-          f"head calls {result['head_calls']}, {seconds:.0f} s")
-
+    _print_result(result, table, base, seconds)
 
 if __name__ == "__main__":
     main()

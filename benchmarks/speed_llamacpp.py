@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from structprune.gguf_export import export_model
+from structprune.io.gguf_export import export_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -36,6 +36,23 @@ def _tokens_per_s(llm, prompt: list[int], gen: list[int]) -> tuple[float, float]
         llm.eval([t])
     t2 = time.perf_counter()
     return len(prompt) / (t1 - t0), len(gen) / (t2 - t1)
+
+
+def _row(files: dict, times: dict) -> dict:
+    """One dtype's table row: file size, median tokens/s per model, pruned/dense ratios."""
+    row = {}
+    for n in times:  # the models' names, in order
+        row[n] = {"file_mb": round(files[n].size_bytes / 1e6, 2), "arch": files[n].arch,
+                  "prefill_tok_s": round(statistics.median(times[n]["prefill"]), 1),
+                  "decode_tok_s": round(statistics.median(times[n]["decode"]), 1),
+                  "prefill_runs": [round(x, 1) for x in times[n]["prefill"]],
+                  "decode_runs": [round(x, 1) for x in times[n]["decode"]]}
+        if files[n].quantizer:
+            row[n]["kept_out_of_q8_0"] = len(files[n].fallback)
+    row["ratio_pruned_over_dense"] = {
+        k: round(row["pruned"][f"{k}_tok_s"] / row["dense"][f"{k}_tok_s"], 3) for k in ("prefill", "decode")}
+    row["size_ratio"] = round(files["pruned"].size_bytes / files["dense"].size_bytes, 3)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import llama_cpp
 
-    from structprune.loading import ALIASES, BUILTIN, _builtin_gguf
+    from structprune.io.resolve import ALIASES, BUILTIN, builtin_gguf
 
     key = ALIASES.get(args.tokenizer_from.lower(), args.tokenizer_from.lower())
-    tok_from = _builtin_gguf(key) if key in BUILTIN else Path(args.tokenizer_from)
+    tok_from = builtin_gguf(key) if key in BUILTIN else Path(args.tokenizer_from)
     rng = np.random.default_rng(0)
     result = {"pruned": str(args.pruned), "dense": args.dense, "llama_cpp_python": llama_cpp.__version__,
               "threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.gen,
@@ -84,18 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[n]["decode"].append(dc)
             for m in models.values():
                 m.close()
-            row = {}
-            for n in models:
-                row[n] = {"file_mb": round(files[n].size_bytes / 1e6, 2), "arch": files[n].arch,
-                          "prefill_tok_s": round(statistics.median(times[n]["prefill"]), 1),
-                          "decode_tok_s": round(statistics.median(times[n]["decode"]), 1),
-                          "prefill_runs": [round(x, 1) for x in times[n]["prefill"]],
-                          "decode_runs": [round(x, 1) for x in times[n]["decode"]]}
-                if files[n].quantizer:
-                    row[n]["kept_out_of_q8_0"] = len(files[n].fallback)
-            row["ratio_pruned_over_dense"] = {
-                k: round(row["pruned"][f"{k}_tok_s"] / row["dense"][f"{k}_tok_s"], 3) for k in ("prefill", "decode")}
-            row["size_ratio"] = round(files["pruned"].size_bytes / files["dense"].size_bytes, 3)
+            row = _row(files, times)
             result["by_dtype"][dtype] = row
             print(f"{dtype:>5}: prefill {row['dense']['prefill_tok_s']:8.1f} -> {row['pruned']['prefill_tok_s']:8.1f} "
                   f"tok/s (x{row['ratio_pruned_over_dense']['prefill']}), decode {row['dense']['decode_tok_s']:7.1f} -> "

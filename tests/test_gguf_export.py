@@ -12,7 +12,7 @@ import torch
 from conftest import VOCAB, logits, tiny_model
 
 from structprune.arch import LayerShape, get_adapter
-from structprune.gguf_export import attention_free_layers, export_gguf, interleave_rope_rows, tensor_types
+from structprune.io.gguf_export import attention_free_layers, export_gguf, interleave_rope_rows, tensor_types
 
 gguf = pytest.importorskip("gguf")
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from structprune.arch import get_adapter
-from structprune.gguf_export import export_gguf, tensor_types
-from structprune.loading import _builtin_gguf, load_model
+from structprune.io.gguf_export import export_gguf, tensor_types
+from structprune.io.resolve import builtin_gguf, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_smollm2_per_layer_shapes_in_llamacpp(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     try:
-        source = _builtin_gguf("smollm2-135m")
+        source = builtin_gguf("smollm2-135m")
     except FileNotFoundError as e:
         pytest.skip(str(e))
     model, tok = load_model("smollm2-135m")

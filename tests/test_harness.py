@@ -112,7 +112,7 @@ def test_shipped_documents_rebuild_from_the_eval_split():
 
 @pytest.mark.slow
 def test_smollm2_dense_wiki_lastword():
-    from structprune.loading import load_model
+    from structprune.io.resolve import load_model
 
     model, tok = load_model("smollm2-135m")
     out = run_tasks(model, tok, ["wiki_lastword"], batch_size=8, limit=40)

@@ -201,7 +201,7 @@ def test_failed_final_write_resumes_to_the_same_bytes(tmp_path, monkeypatch, cap
     beside --out and `--resume` ends with exactly the files of an uninterrupted run."""
     import json
 
-    from structprune import io
+    from structprune.io import checkpoint as io
     from structprune.io import PLAN_NAME, partial_dir
 
     folder = _issue_folder(tmp_path)

@@ -1,4 +1,4 @@
-"""benchmarks/memory.py helpers: the random checkpoint writer and the slope / table / plot code."""
+"""benchmarks/memory.py helpers: the random checkpoint writer, the slope / table / plot code (memory_report.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import memory  # noqa: E402
+import memory_report  # noqa: E402
 import opt_shapes  # noqa: E402
 
 
@@ -84,21 +85,21 @@ def test_slopes_table_and_plot_on_synthetic_numbers(tmp_path):
     rows = _rows("global", params, [3 * p for p in params])
     rows += _rows("structprune", params, [1e6 * math.sqrt(p) for p in params])
     rows += _rows("structprune", [1e10], [None], status="skipped: too big")
-    fitted = memory.slopes(rows)
+    fitted = memory_report.slopes(rows)
     assert fitted["global"]["host"] == pytest.approx(1.0)
     assert fitted["structprune"]["host"] == pytest.approx(0.5)
     assert fitted["structprune"]["cuda"] == pytest.approx(0.5)
-    assert memory.fit_slope([1e8], [1.0]) is None
-    assert memory.fit_slope([1e8, 2e8], [1.0, None]) is None
+    assert memory_report.fit_slope([1e8], [1.0]) is None
+    assert memory_report.fit_slope([1e8, 2e8], [1.0, None]) is None
 
-    table = memory.markdown_table(rows).splitlines()
+    table = memory_report.markdown_table(rows).splitlines()
     assert len(table) == 2 + len(rows)
     assert all(line.count("|") == table[0].count("|") for line in table)
     assert "skipped: too big" in table[-1] and "n/a" in table[-1]
     assert "| 2.0 |" in table[2]  # time / dense forward
 
     png = tmp_path / "m.png"
-    memory.plot(rows, fitted, png, "synthetic")
+    memory_report.plot(rows, fitted, png, "synthetic")
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import structprune as sp
 from structprune.api import calibration_data
 from structprune.data import eval_windows, load_text, tokenize
-from structprune.loading import load_model
+from structprune.io.resolve import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from structprune.speed import matmul_weights
 def test_bench_speed_cli_on_a_per_layer_folder(tmp_path):
     dense_dir = tmp_path / "dense"
     save_tiny_folder(dense_dir)
-    from structprune.loading import load_model
+    from structprune.io.resolve import load_model
 
     dense, tok = load_model(str(dense_dir))
     cfg = sp.PruneConfig(sparsity=0.4, nsamples=8, seqlen=24, batch_size=4, device="cpu", allocation="softmax")

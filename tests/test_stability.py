@@ -40,19 +40,22 @@ def test_dead_neurons_constant_inputs_and_one_window(family):
         assert torch.isfinite(logits(res.model, windows(2, 12))).all(), rec
 
 
-def test_admm_gradient_producer_updates_are_wired_and_never_worse(family):
+def test_admm_gradient_producer_updates_are_wired_and_improve(family):
     """--admm-sgd-steps replaces the producers' Cholesky solve by gradient steps: a different,
-    finite result whose block error never exceeds the one-shot least-squares start."""
+    finite result whose steps lower every layer's block error below the one-shot least-squares
+    start (were the flag ignored, both runs would be equal; were the steps no-ops, the best
+    iterate would be the start)."""
     model = tiny_model(family)
     base = dict(sparsity=0.3, nsamples=6, seqlen=16, device="cpu", reconstruction="admm", admm_iters=2, rho=1.0)
     exact = sp.prune(model, sp.PruneConfig(**base), calib_windows=windows(6, 16), progress=False)
     sgd = sp.prune(model, sp.PruneConfig(**base, admm_sgd_steps=3), calib_windows=windows(6, 16), progress=False)
     assert _finite(sgd.model)
+    assert all(lp.recon["mlp"]["admm_best_iter"] > 0 for lp in exact.plan.layers)  # ADMM moved in both runs
     recon = [lp.recon["mlp"] for lp in sgd.plan.layers]
-    assert all(r["admm_error"] <= r["admm_error_start"] * (1 + 1e-9) for r in recon)
+    assert all(r["admm_best_iter"] > 0 and r["admm_error"] < r["admm_error_start"] for r in recon), recon
+    exact_errors = [lp.recon["mlp"]["admm_error"] for lp in exact.plan.layers]
+    assert all(r["admm_error"] != e for r, e in zip(recon, exact_errors))
     ad = get_adapter(model.config)
     w_exact = [get_weight(ad.mlp_producers(l)[0]) for l in ad.decoder_layers(exact.model)]
     w_sgd = [get_weight(ad.mlp_producers(l)[0]) for l in ad.decoder_layers(sgd.model)]
-    moved = [lp.recon["mlp"]["admm_best_iter"] > 0 for lp in exact.plan.layers]
-    if any(moved):
-        assert any(not torch.equal(a, b) for a, b in zip(w_exact, w_sgd))
+    assert all(not torch.equal(a, b) for a, b in zip(w_exact, w_sgd))

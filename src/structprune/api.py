@@ -19,7 +19,7 @@ from . import distributed
 from .config import PruneConfig
 from .data import calibration_windows, eval_windows, held_back_count, load_text, split_windows, tokenize
 from .evaluate import perplexity
-from .loading import open_for_pruning
+from .io.resolve import open_for_pruning
 from .methods import Method, get_method
 from .methods.output import PruneResult
 from .planning import needs_holdout
@@ -162,7 +162,7 @@ def prune_to_folder(model: str, config: PruneConfig, out: str, overwrite: bool =
 
 def _dense_perplexity(model: str, opened: Any, tok: Any, config: PruneConfig, evaluate: dict[str, Any]) -> float:
     """Perplexity of the dense model (loaded whole for this when it was opened layer by layer)."""
-    from .loading import load_model
+    from .io.resolve import load_model
 
     dense = opened if isinstance(opened, nn.Module) else load_model(model, config.dtype)[0]
     return evaluate_perplexity(dense, tok, **evaluate)

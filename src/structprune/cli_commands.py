@@ -62,7 +62,7 @@ def _prune_rows(args: argparse.Namespace, config: PruneConfig, run: Any) -> list
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import api, preflight
-    from .loading import load_model
+    from .io.resolve import load_model
 
     if args.tasks:  # lm-eval tasks: no perplexity text or windows to check
         return cmd_tasks(args)
@@ -82,7 +82,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from . import preflight
     from .bench import write_atomic
     from .harness import run_tasks
-    from .loading import load_model
+    from .io.resolve import load_model
     from .modelfiles import check_model_spec
     from .runtime.device import resolve_device
 
@@ -149,7 +149,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .gguf_export import export_model
+    from .io.gguf_export import export_model
 
     report = export_model(args.model, args.out, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
                           tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite)
@@ -166,7 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from . import api, io
-    from .loading import load_model
+    from .io.resolve import load_model
 
     if not io.is_pruned_folder(args.model):
         raise ValueError(f"{args.model} is not a structprune output folder; prune it first (structprune prune)")
@@ -221,7 +221,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from .bench.report import report
 
     for path in report(args.path):
         print(path)

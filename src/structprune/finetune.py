@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import get_adapter
+from .surgery import is_transposed
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,12 @@ class FinetuneConfig:
 
 
 def lora_targets(model: nn.Module) -> list[str]:
-    """Full names of the linear projections inside the decoder layers (LoRA targets)."""
-    from transformers.pytorch_utils import Conv1D
-
+    """Full names of the linear projections inside the decoder layers (LoRA targets): each
+    nn.Linear and each [in, out] module kind an adapter registered (GPT-2's Conv1D)."""
     name_of = {id(m): n for n, m in model.named_modules()}
     names = [f"{name_of[id(layer)]}.{sub}"
              for layer in get_adapter(model.config).decoder_layers(model)
-             for sub, module in layer.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+             for sub, module in layer.named_modules() if isinstance(module, nn.Linear) or is_transposed(module)]
     if not names:
         raise ValueError(f"no linear projections found in the decoder layers of {type(model).__name__}")
     return names

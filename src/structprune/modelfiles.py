@@ -21,7 +21,7 @@ _CHUNK = 1 << 24  # elements checked for finiteness at once (bounded scratch mem
 
 
 def _is_builtin(spec: str) -> bool:
-    from .loading import ALIASES, BUILTIN
+    from .io.resolve import ALIASES, BUILTIN
 
     return ALIASES.get(spec.lower(), spec.lower()) in BUILTIN
 
@@ -142,9 +142,9 @@ def check_model_spec(spec: str) -> dict[str, Any] | None:
 def gguf_file(spec: str) -> Path | None:
     """The GGUF file a MODEL argument names (the built-in model is one), else None."""
     if _is_builtin(spec):
-        from .loading import ALIASES, _builtin_gguf
+        from .io.resolve import ALIASES, builtin_gguf
 
-        return _builtin_gguf(ALIASES.get(spec.lower(), spec.lower()))
+        return builtin_gguf(ALIASES.get(spec.lower(), spec.lower()))
     path = Path(os.path.expanduser(spec))
     return path if path.is_file() and path.suffix == ".gguf" else None
 

@@ -196,7 +196,7 @@ def source_estimate(source: Any, config: Any) -> int:
         total = source.total_params()
         dtype = source.dtype
         model_config = source.config
-    from .loading import resolve_dtype
+    from .io.dtypes import resolve_dtype
 
     out_dtype = resolve_dtype(config.dtype) or dtype
     decoder = sum(module_params(get_adapter(model_config)).values())

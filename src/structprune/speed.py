@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .surgery import is_transposed
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ def matmul_weights(model: nn.Module) -> int:
     """Weights that multiply every token's activations: each Linear (and GPT-2 Conv1D), the LM head too."""
     total = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")):
+        if isinstance(module, nn.Linear) or is_transposed(module):
             total += module.weight.numel()
     return total
 
@@ -93,7 +95,7 @@ def run_speed(pruned: str, dense: str, batches: list[int], devices: list[str], s
               prompt_len: int = 32, new_tokens: int = 32, repeats: int = 5, dtype: str = "float32",
               echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Dense vs pruned prefill and decode speed for every device and batch size (see module doc)."""
-    from .loading import load_model
+    from .io.resolve import load_model
     from .methods.output import decoder_linear_params
     from .arch import get_adapter
 

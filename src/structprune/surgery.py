@@ -1,23 +1,49 @@
 """Slicing primitives: physically remove rows or columns of linear layers, with checked indices.
 
-Weights are handled in nn.Linear layout [out, in]. GPT-2's Conv1D stores [in, out]; the
-helpers below read and write either layout through `get_weight` / `set_weight`.
+Weights are handled in nn.Linear layout [out, in]. Some families store [in, out] (GPT-2's
+Conv1D); their adapter registers that module kind here (`register_transposed`), and the helpers
+below read and write either layout through `get_weight` / `set_weight`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D: weight [in, out], attribute nf = out features.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+@dataclass(frozen=True)
+class TransposedKind:
+    """A module kind that stores its weight [in, out]: how to recognise one, and how to record
+    its new output size once its weight is replaced."""
+
+    matches: Callable[[nn.Module], bool]
+    set_out_features: Callable[[nn.Module, int], None]
+
+
+_TRANSPOSED: list[TransposedKind] = []
+
+
+def register_transposed(kind: TransposedKind) -> TransposedKind:
+    """Declare a module kind with [in, out] weights (called by the family's adapter module)."""
+    _TRANSPOSED.append(kind)
+    return kind
+
+
+def _transposed_kind(module: nn.Module) -> TransposedKind | None:
+    return next((kind for kind in _TRANSPOSED if kind.matches(module)), None)
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True for a registered [in, out] module kind (GPT-2's Conv1D), False for nn.Linear."""
+    return _transposed_kind(module) is not None
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight in [out, in] layout (a view; do not modify in place)."""
-    return module.weight.T if _is_conv1d(module) else module.weight
+    return module.weight.T if is_transposed(module) else module.weight
 
 
 def get_bias(module: nn.Module) -> torch.Tensor | None:
@@ -28,9 +54,10 @@ def set_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
     """Replace the module's weight (given in [out, in] layout) and, if given, its bias."""
     ref = module.weight
     w = weight.detach().to(device=ref.device, dtype=ref.dtype)
-    if _is_conv1d(module):
+    kind = _transposed_kind(module)
+    if kind is not None:
         module.weight = nn.Parameter(w.T.contiguous(), requires_grad=ref.requires_grad)
-        module.nf = w.shape[0]
+        kind.set_out_features(module, w.shape[0])
     else:
         module.weight = nn.Parameter(w.contiguous(), requires_grad=ref.requires_grad)
         module.in_features, module.out_features = w.shape[1], w.shape[0]

@@ -162,6 +162,11 @@ class Adapter:
         """LM logits from the hidden states leaving the last decoder layer (final norm + head)."""
         raise NotImplementedError
 
+    def timed_body(self, model: nn.Module) -> nn.Module:
+        """The module the quality harness times for its dense-forward reference: the base model
+        (embeddings and decoder layers, no LM head)."""
+        return model.get_submodule("model")
+
     def mlp_activation(self) -> str:
         return str(getattr(self.config, "hidden_act", None) or getattr(self.config, "activation_function"))
 

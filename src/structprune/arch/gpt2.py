@@ -5,8 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..surgery import slice_rows
+from ..surgery import TransposedKind, register_transposed, slice_rows
 from .base import Adapter, LayerShape, register
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D: weight [in, out], attribute nf = out features."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _set_nf(module: nn.Module, out_features: int) -> None:
+    module.nf = out_features
+
+
+CONV1D = register_transposed(TransposedKind(matches=is_conv1d, set_out_features=_set_nf))
 
 
 @register
@@ -60,6 +72,10 @@ class GPT2Adapter(Adapter):
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.transformer.ln_f(hidden))
+
+    def timed_body(self, model: nn.Module) -> nn.Module:
+        # the whole model, head included: what the quality harness has always timed for GPT-2
+        return model
 
     def set_attention_shape(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         layer.attn.num_heads = num_heads

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from .plan import PrunePlan
+from ..plan import PrunePlan
 
 ALLOCATION_PNG = "allocation.png"
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import LayerShape, get_adapter
+from ..arch import LayerShape, get_adapter
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def export_model(spec: str, out: str | Path, dtype: str = "f32", tokenizer_from:
                  tokenizer_pre: str = "default", overwrite: bool = False) -> ExportReport:
     """Load MODEL (a structprune folder, HF folder, .gguf file or built-in name) in float32 and
     export it; a GGUF source (file or built-in) also provides the tokenizer unless one is given."""
-    from .loading import ALIASES, BUILTIN, _builtin_gguf, load_model
+    from .resolve import ALIASES, BUILTIN, builtin_gguf, load_model
 
     if dtype not in GGUF_DTYPES:  # fail before loading any weight
         raise ValueError(f"dtype={dtype!r} is invalid for GGUF export: choose one of {list(GGUF_DTYPES)}")
@@ -243,7 +243,7 @@ def export_model(spec: str, out: str | Path, dtype: str = "f32", tokenizer_from:
     key = ALIASES.get(spec.lower(), spec.lower())
     if tokenizer_from is None:
         if key in BUILTIN:
-            tokenizer_from = _builtin_gguf(key)
+            tokenizer_from = builtin_gguf(key)
         elif spec.endswith(".gguf"):
             tokenizer_from = spec
     model, tok = load_model(spec, dtype="float32")

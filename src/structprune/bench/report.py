@@ -1,4 +1,4 @@
-"""`structprune report DIR_OR_JSON`: render saved quality runs (bench.py JSON) as Markdown and PNGs.
+"""`structprune report DIR_OR_JSON`: render saved quality runs (bench/quality.py JSON) as Markdown and PNGs.
 
 Reads the saved JSON only (and, for files written before per-layer shapes were recorded,
 the dense shape from the cell's saved plan beside it). Writes, beside each JSON file:
@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .bench import _ppl, _texts, load_results, render
-from .plan import PrunePlan
+from ..plan import PrunePlan
+from .results import cell_perplexity, dense_perplexity, evaluated_texts, load_results, render
 
 # Methods whose per-layer allocation is worth a plot: every STRUPRUNE variant, and the
 # baselines that choose per-layer shapes themselves (FLAP's and the global Taylor ranking).
@@ -33,19 +33,18 @@ def _plt() -> Any:
 def perplexity_png(results: dict[str, Any], path: Path, title: str = "") -> None:
     """Perplexity against actual sparsity per method (log y), one panel per text; dense as a line."""
     plt = _plt()
-    texts = _texts(results)
+    texts = evaluated_texts(results)
     cells = results["cells"]
     methods = list(dict.fromkeys(c["method"] for c in cells.values()))
     fig, axes = plt.subplots(1, len(texts), figsize=(5.2 * len(texts), 4), dpi=110, squeeze=False)
-    dense = results.get("dense", {})
     for ax, text in zip(axes[0], texts):
         for idx, m in enumerate(methods):  # one colour and marker per method in every panel
-            pts = sorted((c["actual"], _ppl(c, text)) for c in cells.values()
-                         if c["method"] == m and _ppl(c, text) is not None)
+            pts = sorted((c["actual"], cell_perplexity(c, text)) for c in cells.values()
+                         if c["method"] == m and cell_perplexity(c, text) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "os^vD"[idx // 10 % 5] + "-", color=f"C{idx % 10}",
                         label=m)
-        d = dense.get("perplexity_by_text", {}).get(text, dense.get("perplexity") if text == "wiki" else None)
+        d = dense_perplexity(results, text)
         if d is not None:
             ax.axhline(d, color="grey", ls=":", label=f"dense {d:.2f}")
         ax.set_yscale("log")

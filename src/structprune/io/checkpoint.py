@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from .arch import LayerShape, get_adapter
-from .plan import PrunePlan
+from ..arch import LayerShape, get_adapter
+from ..plan import PrunePlan
+from .dtypes import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
 def _write_metadata(tmp: Path, model: torch.nn.Module, plan: PrunePlan, tokenizer: Any,
                     extra_files: dict[str, bytes] | None) -> None:
     model.config.save_pretrained(tmp)
-    from .arch.hub import add_remote_code
+    from ..arch.hub import add_remote_code
 
     add_remote_code(tmp)  # per-layer shapes: modeling file + auto_map for trust_remote_code loading
     if getattr(model, "generation_config", None) is not None:
@@ -279,8 +280,6 @@ def is_pruned_folder(path: str | Path) -> bool:
 def load_pruned(path: str | Path, dtype: str = "float32") -> torch.nn.Module:
     """Rebuild a pruned model from a folder written by `save_pruned` (any per-layer shapes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .loading import resolve_dtype
 
     path = Path(path)
     sharded = (path / INDEX_NAME).is_file()
