@@ -1,10 +1,12 @@
-"""runtime/source.py: streaming from safetensors gives the in-memory result with one dense layer resident at a time."""
+"""runtime/source.py: a saved folder read layer by layer equals the model; streaming from safetensors gives the
+in-memory result with one dense layer resident at a time."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
+import pytest
 import torch
 from conftest import logits, tiny_model, windows
 
@@ -111,3 +113,32 @@ def test_chunk_tokens_bounds_the_device_batch(tmp_path):
     assert res.plan.shapes() == ref.plan.shapes()
     for a, b in zip(res.plan.layers, ref.plan.layers):
         assert a.kept_neurons == b.kept_neurons and a.kept_heads == b.kept_heads
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_safetensors_source_reads_each_layer_as_the_model_has_it(fam, tmp_path):
+    """Layer i read from a saved folder has the model's layer-i tensors, exactly, on the host."""
+    from structprune.arch import get_adapter
+
+    model = tiny_model(fam)
+    model.save_pretrained(tmp_path)
+    src = SafetensorsSource(tmp_path)
+    layers = get_adapter(model.config).decoder_layers(model)
+    for i, dense in enumerate(layers):
+        got = src.layer(i).state_dict()
+        want = dense.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) and got[k].device.type == "cpu" for k in want), i
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_total_params_count_tied_tensors_once(fam, tmp_path):
+    """gpt2 ties its head to the embedding: the folder and the model count that tensor once."""
+    from structprune.runtime.source import ModelSource
+
+    model = tiny_model(fam)
+    model.save_pretrained(tmp_path)
+    want = sum(p.numel() for p in model.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (fam == "gpt2")
+    assert SafetensorsSource(tmp_path).total_params() == want == ModelSource(model).total_params()
