@@ -46,19 +46,6 @@ def test_register_method_refuses_a_name_twice():
         register_method("flap")(lambda *args: None)
 
 
-def test_split_holdout_holds_back_the_last_eighth():
-    from structprune.api import split_holdout
-
-    cfg = sp.PruneConfig(device="cpu")
-    ids = windows(17)
-    calib, held, same = split_holdout(ids, cfg)
-    assert torch.equal(calib, ids[:-2]) and torch.equal(held, ids[-2:]) and same is cfg
-    calib, held, one = split_holdout(ids[:1], cfg)
-    assert held is None and (one.rho, one.temperature) == (1.0, "inf")
-    with pytest.raises(ValueError, match="sensitivity"):
-        split_holdout(ids[:1], cfg.replace(allocation="sensitivity"))
-
-
 def test_arguments_a_method_cannot_honour_are_refused():
     cfg = method_config("global", sparsity=0.2, device="cpu", nsamples=4)
     with pytest.raises(ValueError, match="masks"):

@@ -106,24 +106,3 @@ def test_cli_and_bench_calibrate_on_the_same_windows(tmp_path, capsys):
             assert (a["kept_heads"], a["kept_neurons"]) == (b["kept_heads"], b["kept_neurons"]), method
             assert a["mlp_keep_target"] == pytest.approx(b["mlp_keep_target"], rel=1e-9), method
     capsys.readouterr()
-
-
-def test_only_the_api_splits_held_back_windows_off_given_windows():
-    """api.prune holds back the last max(1, n // 8) of the windows it is given when the allocation
-    searches and none are passed; pipeline.prune_model takes them as they are and asks for them."""
-    from conftest import tiny_model, windows
-
-    import structprune as sp
-    from structprune.api import split_holdout
-    from structprune.pipeline import prune_model
-
-    cfg = sp.PruneConfig(sparsity=0.3, device="cpu")
-    ids = windows(9)
-    res = sp.prune(tiny_model("llama"), cfg, calib_windows=ids, progress=False)
-    calib, held, same = split_holdout(ids, cfg)
-    assert len(held) == 1
-    model, plan = prune_model(tiny_model("llama"), calib, same, progress=False, holdout=held)
-    assert plan.layers == res.plan.layers
-    assert all(torch.equal(w, res.model.state_dict()[k]) for k, w in model.state_dict().items())
-    with pytest.raises(ValueError, match="held-back"):
-        prune_model(tiny_model("llama"), ids, cfg, progress=False)

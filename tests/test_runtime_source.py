@@ -1,4 +1,5 @@
-"""Streaming from safetensors: same result as in memory, one dense layer resident at a time."""
+"""runtime/source.py: a saved folder read layer by layer equals the model; streaming from safetensors gives the
+in-memory result with one dense layer resident at a time."""
 
 from __future__ import annotations
 
@@ -114,61 +115,30 @@ def test_chunk_tokens_bounds_the_device_batch(tmp_path):
         assert a.kept_neurons == b.kept_neurons and a.kept_heads == b.kept_heads
 
 
-# --- the activation stream (runtime/stream.py) -------------------------------------------------
-
-def _stream(family: str = "llama", n: int = 5, batch: int = 2):
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_safetensors_source_reads_each_layer_as_the_model_has_it(fam, tmp_path):
+    """Layer i read from a saved folder has the model's layer-i tensors, exactly, on the host."""
     from structprune.arch import get_adapter
-    from structprune.runtime.hooks import calibration_mode
-    from structprune.runtime.stream import LayerStream
 
-    model = tiny_model(family)
+    model = tiny_model(fam)
+    model.save_pretrained(tmp_path)
+    src = SafetensorsSource(tmp_path)
     layers = get_adapter(model.config).decoder_layers(model)
-    with calibration_mode(model):
-        stream = LayerStream.capture(model, layers, windows(n), batch)
-    return model, layers, stream
+    for i, dense in enumerate(layers):
+        got = src.layer(i).state_dict()
+        want = dense.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) and got[k].device.type == "cpu" for k in want), i
 
 
-def test_stream_batches_windows_in_order_and_runs_a_layer_on_host_float32():
-    from structprune.runtime.hooks import calibration_mode, run_layer
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_total_params_count_tied_tensors_once(fam, tmp_path):
+    """gpt2 ties its head to the embedding: the folder and the model count that tensor once."""
+    from structprune.runtime.source import ModelSource
 
-    model, layers, stream = _stream(n=5, batch=2)
-    assert [x.shape[0] for x in stream] == [2, 2, 1] and stream.batch == 2 and stream.dtype == torch.float32
-    seen = []
-    with calibration_mode(model):
-        layer = stream.onload(layers[0])
-        nxt = stream.run(layer, 0, capture=[layer.mlp.down_proj],
-                         visit=lambda b, x, inputs: seen.append((b, x is stream.hidden[b], len(inputs[0]))))
-        want = [run_layer(layers[0], x, stream.calls[0]) for x in stream]
-    assert seen == [(0, True, 1), (1, True, 1), (2, True, 1)]
-    assert all(torch.equal(a, b) and a.dtype == torch.float32 and a.device.type == "cpu" for a, b in zip(nxt, want))
-    assert nxt.calls is stream.calls and len(stream) == 3  # the input stream is left as it was
-    assert not layer.mlp.down_proj._forward_pre_hooks  # capture hooks removed
-
-
-def test_stream_capture_hooks_are_removed_when_the_forward_fails():
-    model, layers, stream = _stream()
-    layer = stream.onload(layers[0])
-
-    def boom(*_):
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        stream.run(layer, 0, capture=[layer.self_attn.o_proj], visit=boom)
-    assert not layer.self_attn.o_proj._forward_pre_hooks
-
-
-def test_stream_prefix_holds_whole_batches_up_to_the_token_count():
-    _, _, stream = _stream(n=5, batch=2)
-    seqlen = stream.hidden[0].shape[1]
-    assert len(stream.prefix(1)) == 1 and len(stream.prefix(2 * seqlen + 1)) == 2 and len(stream.prefix(10**9)) == 3
-
-
-def test_held_back_windows_are_batched_like_the_calibration_stream():
-    """chunk_tokens bounds every device batch, the held-back ones too (planning.capture_holdout)."""
-    from structprune.planning import capture_holdout
-    from structprune.runtime.stream import device_batch
-
-    model, _, stream = _stream(n=4, batch=device_batch(sp.PruneConfig(batch_size=8, chunk_tokens=48, seqlen=24), 24))
-    hold = capture_holdout(model, stream, windows(5, seed=3))
-    assert stream.batch == 2 and [x.shape[0] for x in hold] == [2, 2, 1]
-    assert len(capture_holdout(model, stream, windows(5)[:0])) == 0  # an empty shard
+    model = tiny_model(fam)
+    model.save_pretrained(tmp_path)
+    want = sum(p.numel() for p in model.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (fam == "gpt2")
+    assert SafetensorsSource(tmp_path).total_params() == want == ModelSource(model).total_params()
