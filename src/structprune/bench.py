@@ -156,10 +156,10 @@ def cell_key(method: str, tag: str, sparsity: float) -> str:
 
 def parse_field(name: str, text: str) -> Any:
     """A FIELD=VALUE override typed like the PruneConfig default ("false" is False for booleans)."""
-    defaults = PruneConfig()
-    if not hasattr(defaults, name):
+    defaults = PruneConfig().to_flat()
+    if name not in defaults:
         raise ValueError(f"--set {name}: not a PruneConfig field")
-    default = getattr(defaults, name)
+    default = defaults[name]
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"--set {name}={text}: expected true or false")
@@ -203,7 +203,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
 
     _check_disjoint(settings)
     for name, value in settings.overrides.items():  # fail before loading anything
-        PruneConfig(**{name: value})
+        PruneConfig.from_flat(**{name: value})
     out.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(out)
     old = results.get("settings") or _settings_from_protocol(results.get("protocol"))
@@ -223,7 +223,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
     model, tok = load_model(settings.model)
     adapter = get_adapter(model.config)
     # the reference forward's windows: those of a cell that searches nothing on held-back data
-    calib_cfg = PruneConfig(nsamples=settings.nsamples, seqlen=settings.seqlen, calib=settings.calib, rho=1.0)
+    calib_cfg = PruneConfig.from_flat(nsamples=settings.nsamples, seqlen=settings.seqlen, calib=settings.calib, rho=1.0)
     calib = calibration_data(tok, calib_cfg)
     evals = {t: eval_windows(tokenize(tok, load_text(t, split="eval")), settings.seqlen, settings.windows)
              for t in settings.texts}
