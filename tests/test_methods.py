@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import logits, tiny_model, windows
@@ -49,14 +51,14 @@ def test_register_method_refuses_a_name_twice():
 def test_split_holdout_holds_back_the_last_eighth():
     from structprune.api import split_holdout
 
-    cfg = sp.PruneConfig(device="cpu")
+    cfg = sp.PruneConfig.from_flat(device="cpu")
     ids = windows(17)
     calib, held, same = split_holdout(ids, cfg)
     assert torch.equal(calib, ids[:-2]) and torch.equal(held, ids[-2:]) and same is cfg
     calib, held, one = split_holdout(ids[:1], cfg)
-    assert held is None and (one.rho, one.temperature) == (1.0, "inf")
+    assert held is None and (one.allocation.rho, one.allocation.temperature) == (1.0, math.inf)
     with pytest.raises(ValueError, match="sensitivity"):
-        split_holdout(ids[:1], cfg.replace(allocation="sensitivity"))
+        split_holdout(ids[:1], cfg.with_flat(allocation="sensitivity"))
 
 
 def test_arguments_a_method_cannot_honour_are_refused():

@@ -15,7 +15,7 @@ from structprune.runtime.stream import LayerStream
 def _cfg(**kw):
     base = dict(sparsity=0.3, nsamples=8, seqlen=24, batch_size=3, device="cpu")
     base.update(kw)
-    return sp.PruneConfig(**base)
+    return sp.PruneConfig.from_flat(**base)
 
 
 def test_layer_stream_equals_model_forward(family):

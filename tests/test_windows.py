@@ -117,7 +117,7 @@ def test_only_the_api_splits_held_back_windows_off_given_windows():
     from structprune.api import split_holdout
     from structprune.pipeline import prune_model
 
-    cfg = sp.PruneConfig(sparsity=0.3, device="cpu")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, device="cpu")
     ids = windows(9)
     res = sp.prune(tiny_model("llama"), cfg, calib_windows=ids, progress=False)
     calib, held, same = split_holdout(ids, cfg)
