@@ -176,7 +176,7 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     """Prune `model` (left untouched; an in-memory model or a LayerSource) with FLAP on
     calibration `windows` [nsamples, seqlen] to `config.sparsity` ACTUAL decoder sparsity.
 
-    Uses config.scorer (column metric), flap_standardise, flap_square_attention, bias_compensation,
+    Uses config.scorer (column metric), config.flap, config.refit.bias_compensation,
     prune_attention / prune_mlp, batch_size, device. Host memory: the output model plus one
     dense layer and the calibration hidden states; `sink` (an `io.ShardWriter`) receives each
     pruned layer as it is finished, as in the layer pipeline."""
