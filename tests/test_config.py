@@ -152,6 +152,8 @@ def test_parse_rho():
     (lambda: RefitConfig(damp=0.0), "damp"),
     (lambda: AllocationConfig(rule="magic"), "allocation"),
     (lambda: AllocationConfig(rho=-1.0), "rho"),
+    (lambda: AllocationConfig(rho="auto"), "rho"),
+    (lambda: AllocationConfig(temperature="0.1x"), "temperature"),
     (lambda: AllocationConfig(temperature_relative=True), "temperature_relative"),
     (lambda: FlapConfig(standardise="model"), "flap_standardise"),
     (lambda: PruneConfig(sparsity=0.99), "sparsity"),

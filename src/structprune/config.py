@@ -40,6 +40,10 @@ def check(cond: bool, name: str, value: Any, why: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {why}")
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse_rho(value: str | float | None) -> float | None:
     """A rho option: "auto" (or None) -> None (searched on held-back data), else a number >= 0."""
     if value is None or value == "auto":
@@ -175,12 +179,13 @@ class AllocationConfig(Section):
     def __post_init__(self) -> None:
         check(self.rule in ALLOCATIONS, "allocation", self.rule, f"choose one of {ALLOCATIONS}")
         check(self.sensitivity in SENSITIVITIES, "sensitivity", self.sensitivity, f"choose one of {SENSITIVITIES}")
-        check(self.temperature is None or self.temperature > 0, "temperature", self.temperature,
-              "use None (search), a positive number, or a multiple of the score scale")
+        check(self.temperature is None or is_number(self.temperature) and self.temperature > 0, "temperature",
+              self.temperature, "use None (search) or a positive number (strings such as 'auto' or '0.1x': "
+              "parse_temperature or PruneConfig.from_flat)")
         check(self.temperature is not None or not self.temperature_relative, "temperature_relative",
               self.temperature_relative, "a searched temperature (None) is not a multiple of anything")
-        check(self.rho is None or self.rho >= 0, "rho", self.rho,
-              "use None (search) or a number >= 0 (attention/MLP pruning ratio)")
+        check(self.rho is None or is_number(self.rho) and self.rho >= 0, "rho", self.rho,
+              "use None (search) or a number >= 0 (attention/MLP pruning ratio; 'auto': parse_rho or from_flat)")
         check(self.layer_importance in LAYER_IMPORTANCE, "layer_importance", self.layer_importance,
               f"choose one of {LAYER_IMPORTANCE}")
 
