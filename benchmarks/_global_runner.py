@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    cfg = PruneConfig(sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+    cfg = PruneConfig.from_flat(sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                       batch_size=args.batch_size, calib=args.calib, device=args.device, dtype=args.dtype)
     device = resolve_device(args.device)
     if args.streamed:

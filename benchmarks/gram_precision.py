@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     model.eval()
-    windows = calibration_data(tok, PruneConfig(nsamples=args.nsamples, seqlen=args.seqlen))
+    windows = calibration_data(tok, PruneConfig.from_flat(nsamples=args.nsamples, seqlen=args.seqlen))
     mods = {}
     for i, layer in enumerate(model.model.layers):
         mods[f"{i}.o_proj"] = layer.self_attn.o_proj

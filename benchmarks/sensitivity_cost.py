@@ -45,7 +45,7 @@ def count_run(n_layers: int, rule, hidden_size: int, seqlen: int, n_calib: int, 
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     ad = get_adapter(model.config)
     layers = ad.decoder_layers(model)
-    config = PruneConfig(sparsity=0.3, nsamples=n_calib, seqlen=seqlen, batch_size=max(n_calib, n_hold),
+    config = PruneConfig.from_flat(sparsity=0.3, nsamples=n_calib, seqlen=seqlen, batch_size=max(n_calib, n_hold),
                          device="cpu", allocation="sensitivity", prune_attention=False)
     keys = prunable_keys(config, ad)
     removed = fractions(prunable_sparsity(config, ad), config.max_layer_sparsity)

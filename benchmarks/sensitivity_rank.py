@@ -189,7 +189,7 @@ def main() -> None:
     model, tok = load_model(args.model, "float32")
     ad = get_adapter(model.config)
     layers = ad.decoder_layers(model)
-    config = PruneConfig(**{**rc, "nsamples": args.nsamples, "device": "cpu", "sensitivity": "linear"})
+    config = PruneConfig.from_flat(**{**rc, "nsamples": args.nsamples, "device": "cpu", "sensitivity": "linear"})
     ids = tokenize(tok, load_text(rc["calib"], split="calib"))
     calib = calibration_windows(ids, rc["nsamples"], rc["seqlen"], rc["seed"])[:args.nsamples]
     holdout = calibration_windows(ids, max(2, rc["nsamples"] // 8), rc["seqlen"], rc["seed"] + 1)

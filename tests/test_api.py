@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import windows
@@ -12,14 +14,14 @@ import structprune as sp
 def test_split_holdout_holds_back_the_last_eighth():
     from structprune.api import split_holdout
 
-    cfg = sp.PruneConfig(device="cpu")
+    cfg = sp.PruneConfig.from_flat(device="cpu")
     ids = windows(17)
     calib, held, same = split_holdout(ids, cfg)
     assert torch.equal(calib, ids[:-2]) and torch.equal(held, ids[-2:]) and same is cfg
     calib, held, one = split_holdout(ids[:1], cfg)
-    assert held is None and (one.rho, one.temperature) == (1.0, "inf")
+    assert held is None and (one.allocation.rho, one.allocation.temperature) == (1.0, math.inf)
     with pytest.raises(ValueError, match="sensitivity"):
-        split_holdout(ids[:1], cfg.replace(allocation="sensitivity"))
+        split_holdout(ids[:1], cfg.with_flat(allocation="sensitivity"))
 
 
 def test_only_the_api_splits_held_back_windows_off_given_windows():
@@ -31,7 +33,7 @@ def test_only_the_api_splits_held_back_windows_off_given_windows():
     from structprune.api import split_holdout
     from structprune.pipeline import prune_model
 
-    cfg = sp.PruneConfig(sparsity=0.3, device="cpu")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, device="cpu")
     ids = windows(9)
     res = sp.prune(tiny_model("llama"), cfg, calib_windows=ids, progress=False)
     calib, held, same = split_holdout(ids, cfg)

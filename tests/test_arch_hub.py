@@ -21,7 +21,7 @@ from structprune.io import save_pruned
 def _non_uniform(family: str):
     """A tiny pruned model of `family` whose folder needs remote code (per-layer or head-pruned shapes)."""
     for sparsity in (0.4, 0.5, 0.3):
-        cfg = sp.PruneConfig(sparsity=sparsity, nsamples=8, seqlen=24, batch_size=4, device="cpu",
+        cfg = sp.PruneConfig.from_flat(sparsity=sparsity, nsamples=8, seqlen=24, batch_size=4, device="cpu",
                              allocation="softmax")
         res = sp.prune(tiny_model(family), cfg, calib_windows=windows(8), progress=False)
         if not res.model.config.structprune["vanilla"]:
@@ -100,7 +100,7 @@ def test_plain_interpreter_really_lacks_structprune(tmp_path):
 
 def test_uniform_folder_stays_plain(tmp_path):
     """A vanilla (uniform, expressible) folder gets no remote code: plain from_pretrained loads it."""
-    cfg = sp.PruneConfig(sparsity=0.25, nsamples=8, seqlen=24, device="cpu", prune_attention=False)
+    cfg = sp.PruneConfig.from_flat(sparsity=0.25, nsamples=8, seqlen=24, device="cpu", prune_attention=False)
     res = sp.prune(tiny_model("llama"), cfg, calib_windows=windows(8), progress=False)
     out = save_pruned(res.model, res.plan, tmp_path / "m")
     assert "auto_map" not in json.loads((out / "config.json").read_text())
@@ -116,7 +116,7 @@ def test_load_pruned_and_sharded_writer_unaffected_by_auto_map(tmp_path):
     res = _non_uniform("llama")
     out = save_pruned(res.model, res.plan, tmp_path / "m")
     torch.testing.assert_close(logits(sp.load_pruned(out), windows(2)), logits(res.model, windows(2)))
-    cfg = sp.PruneConfig(sparsity=0.4, nsamples=8, seqlen=24, batch_size=4, device="cpu", allocation="softmax")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.4, nsamples=8, seqlen=24, batch_size=4, device="cpu", allocation="softmax")
     sink = ShardWriter(tmp_path / "s", release=True)
     sharded = sp.prune(tiny_model("llama"), cfg, calib_windows=windows(8), progress=False, sink=sink)
     folder = sink.finish(sharded.model, sharded.plan, layers_prefix(sharded.model))
@@ -159,7 +159,7 @@ def test_real_checkpoint_layouts_load_without_structprune(tmp_path):
     jobs, expected = [], {}
     for name in LAYOUTS:
         for allocation in ("uniform", "softmax"):
-            cfg = sp.PruneConfig(sparsity=0.3, nsamples=4, seqlen=16, batch_size=4, device="cpu", rho=1.0,
+            cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=4, seqlen=16, batch_size=4, device="cpu", rho=1.0,
                                  allocation=allocation, temperature="1x")
             res = sp.prune(layout_model(name), cfg, calib_windows=windows(4, 16), progress=False)
             if not res.model.config.structprune["vanilla"]:

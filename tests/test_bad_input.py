@@ -407,7 +407,7 @@ def test_api_checks_the_model_before_loading(base, tmp_path):
     model = _copy_model(base, tmp_path)
     _truncate(model)
     with pytest.raises(PreflightError, match="model.safetensors is truncated"):
-        sp.prune(str(model), sp.PruneConfig(nsamples=4, seqlen=32, calib=str(base / "calib.txt"), device="cpu"))
+        sp.prune(str(model), sp.PruneConfig.from_flat(nsamples=4, seqlen=32, calib=str(base / "calib.txt"), device="cpu"))
     with pytest.raises(PreflightError, match="longer than the model's context of 64"):
-        sp.prune(str(base / "tiny"), sp.PruneConfig(nsamples=4, seqlen=128, calib=str(base / "calib.txt"),
+        sp.prune(str(base / "tiny"), sp.PruneConfig.from_flat(nsamples=4, seqlen=128, calib=str(base / "calib.txt"),
                                                     device="cpu"))

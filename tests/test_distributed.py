@@ -37,14 +37,14 @@ PREFIX_TOKENS = 200  # the uniform rule's rho-search prefix, cut inside rank 1's
 def _configs() -> dict[str, PruneConfig]:
     base = dict(sparsity=0.3, device="cpu", batch_size=4, seed=0)
     return {
-        "uniform-auto-rho": PruneConfig(**{**base, "batch_size": 2}),
-        "softmax": PruneConfig(**base, allocation="softmax"),
-        "softmax-modular": PruneConfig(**base, allocation="softmax-modular"),
-        "closed-form": PruneConfig(**base, allocation="closed-form"),
-        "sensitivity": PruneConfig(**base, allocation="sensitivity"),
-        "sensitivity-linear": PruneConfig(**base, allocation="sensitivity", sensitivity="linear"),
-        "dense-target-obs": PruneConfig(**base, rho=1.0, target="dense", selection="obs"),
-        "residual": PruneConfig(**base, rho=1.0, target="residual"),
+        "uniform-auto-rho": PruneConfig.from_flat(**{**base, "batch_size": 2}),
+        "softmax": PruneConfig.from_flat(**base, allocation="softmax"),
+        "softmax-modular": PruneConfig.from_flat(**base, allocation="softmax-modular"),
+        "closed-form": PruneConfig.from_flat(**base, allocation="closed-form"),
+        "sensitivity": PruneConfig.from_flat(**base, allocation="sensitivity"),
+        "sensitivity-linear": PruneConfig.from_flat(**base, allocation="sensitivity", sensitivity="linear"),
+        "dense-target-obs": PruneConfig.from_flat(**base, rho=1.0, target="dense", selection="obs"),
+        "residual": PruneConfig.from_flat(**base, rho=1.0, target="residual"),
         "wanda-sp": method_config("wanda-sp", sparsity=0.3, device="cpu", batch_size=4),
         "flap": method_config("flap", sparsity=0.3, device="cpu", batch_size=4),
     }
@@ -157,7 +157,7 @@ def test_two_ranks_match_one_process_on_every_rule(tmp_path):
 # --- a rank that dies, then --resume ---------------------------------------------------------
 
 def _resume_config() -> PruneConfig:
-    return PruneConfig(sparsity=0.3, device="cpu", batch_size=4, seed=0, allocation="softmax")
+    return PruneConfig.from_flat(sparsity=0.3, device="cpu", batch_size=4, seed=0, allocation="softmax")
 
 
 class _DyingFollower(distributed.FollowerSink):
@@ -264,7 +264,7 @@ def test_unsupported_options_refuse_by_name(tmp_path):
 def _refuse(folder: str) -> None:
     from structprune.pipeline import prune_model
 
-    prune_model(tiny_model("llama"), windows(16, 24), PruneConfig(device="cpu", reconstruction="admm", rho=1.0),
+    prune_model(tiny_model("llama"), windows(16, 24), PruneConfig.from_flat(device="cpu", reconstruction="admm", rho=1.0),
                 progress=False)
 
 

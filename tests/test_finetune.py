@@ -18,7 +18,7 @@ def _loss(model, ids):
 
 
 def test_lora_lowers_the_training_loss_and_merges_to_the_same_shapes(family):
-    model = sp.prune(tiny_model(family), sp.PruneConfig(sparsity=0.3, device="cpu", nsamples=8),
+    model = sp.prune(tiny_model(family), sp.PruneConfig.from_flat(sparsity=0.3, device="cpu", nsamples=8),
                      calib_windows=windows(8), progress=False).model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = windows(2, seed=3)

@@ -41,7 +41,7 @@ def _pruned_llama():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 1.2 / p.shape[-1] ** 0.5)
-    cfg = sp.PruneConfig(sparsity=0.4, nsamples=8, seqlen=24, batch_size=4, device="cpu", allocation="softmax")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.4, nsamples=8, seqlen=24, batch_size=4, device="cpu", allocation="softmax")
     res = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
     assert not res.model.config.structprune["vanilla"]
     return res

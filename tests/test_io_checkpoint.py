@@ -15,7 +15,7 @@ from structprune.io import PLAN_NAME, save_pruned
 
 def _pruned(family: str, sparsity: float = 0.3):
     model = tiny_model(family)
-    cfg = sp.PruneConfig(sparsity=sparsity, nsamples=8, seqlen=24, batch_size=4, device="cpu")
+    cfg = sp.PruneConfig.from_flat(sparsity=sparsity, nsamples=8, seqlen=24, batch_size=4, device="cpu")
     return sp.prune(model, cfg, calib_windows=windows(8), progress=False)
 
 
@@ -33,7 +33,7 @@ def test_save_load_identical_logits(family, tmp_path):
 def test_uniform_shapes_reload_with_plain_transformers(family, tmp_path):
     """MLP-only pruning gives uniform shapes -> a vanilla checkpoint for every family."""
     model = tiny_model(family)
-    cfg = sp.PruneConfig(sparsity=0.25, nsamples=8, seqlen=24, device="cpu", prune_attention=False)
+    cfg = sp.PruneConfig.from_flat(sparsity=0.25, nsamples=8, seqlen=24, device="cpu", prune_attention=False)
     res = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
     assert res.model.config.structprune["vanilla"]
     out = save_pruned(res.model, res.plan, tmp_path / "m")
@@ -68,7 +68,7 @@ def test_shard_writer_layer_by_layer_reloads(family, tmp_path):
     from structprune.runtime.source import layers_prefix
 
     model = tiny_model(family)
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu")
     ref = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
     sink = ShardWriter(tmp_path / "s", release=True)
     res = sp.prune(model, cfg, calib_windows=windows(8), progress=False, sink=sink)
@@ -119,7 +119,7 @@ def test_interrupted_run_resumes_to_the_same_model(family, options, tmp_path):
     from structprune.runtime.source import layers_prefix
 
     model = tiny_model(family)
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu", **options)
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu", **options)
     ref = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
     out = tmp_path / "m"
     sink = _interrupting(ShardWriter(out), after=2)
@@ -145,7 +145,7 @@ def test_resume_with_another_configuration_starts_over(tmp_path):
     from structprune.runtime.source import layers_prefix
 
     model = tiny_model("llama")
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu")
     sink = _interrupting(ShardWriter(tmp_path / "m"), after=1)
     with pytest.raises(_Interrupted):
         sp.prune(model, cfg, calib_windows=windows(8), progress=False, sink=sink)

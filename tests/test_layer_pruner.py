@@ -12,7 +12,7 @@ import structprune as sp
 def _cfg(**kw):
     base = dict(sparsity=0.3, nsamples=8, seqlen=24, batch_size=3, device="cpu")
     base.update(kw)
-    return sp.PruneConfig(**base)
+    return sp.PruneConfig.from_flat(**base)
 
 
 @pytest.mark.parametrize("target", ["local", "dense"])

@@ -92,7 +92,7 @@ def test_prune_save_reload(layout, modules, sparsity, tmp_path):
     1 point of the requested actual sparsity, or (only when the model cannot reach it) fails before
     any work with the reachable maximum in the message."""
     model = layout_model(layout)
-    cfg = sp.PruneConfig(sparsity=sparsity, nsamples=4, seqlen=16, batch_size=4, device="cpu", rho=1.0,
+    cfg = sp.PruneConfig.from_flat(sparsity=sparsity, nsamples=4, seqlen=16, batch_size=4, device="cpu", rho=1.0,
                          **MODULES[modules])
     ids = windows(4, 16)
     top = max_sparsity(get_adapter(model.config), modules, cfg.max_layer_sparsity)
@@ -285,7 +285,7 @@ def test_the_reachable_maximum_is_reached(layout, modules):
     model = layout_model(layout)
     top = max_sparsity(get_adapter(model.config), modules, 0.9)
     sparsity = math.floor(top * 100) / 100
-    cfg = sp.PruneConfig(sparsity=sparsity, nsamples=4, seqlen=16, batch_size=4, device="cpu", **MODULES[modules])
+    cfg = sp.PruneConfig.from_flat(sparsity=sparsity, nsamples=4, seqlen=16, batch_size=4, device="cpu", **MODULES[modules])
     res = sp.prune(model, cfg, calib_windows=windows(4, 16), progress=False)
     assert abs(res.plan.actual_sparsity - sparsity) <= 0.01
     with pytest.raises(ValueError, match="cannot be reached"):
@@ -300,7 +300,7 @@ def test_an_illegal_planned_shape_fails_before_the_first_layer(tmp_path):
     from structprune.io import ShardWriter
 
     model = tiny_model("llama")  # 4 query heads on 2 KV heads
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=4, seqlen=16, batch_size=4, device="cpu", rho=1.0)
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=4, seqlen=16, batch_size=4, device="cpu", rho=1.0)
     plan = sp.prune(model, cfg, calib_windows=windows(4, 16), progress=False).plan
     plan.layers[1].kept_heads, plan.layers[1].kept_kv_heads = [0, 1, 2], [0, 1]
     sink = ShardWriter(tmp_path / "m")

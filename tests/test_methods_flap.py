@@ -96,7 +96,7 @@ def test_bias_compensation_keeps_the_mean_output(family):
     x = hidden[0]
     means = {}
     for comp in (True, False):
-        res = sp.prune(model, cfg.replace(bias_compensation=comp), calib_windows=ids, progress=False)
+        res = sp.prune(model, cfg.with_flat(bias_compensation=comp), calib_windows=ids, progress=False)
         pruned0 = get_adapter(res.model.config).decoder_layers(res.model)[0]
         assert len(res.plan.layers[0].kept_heads) < model.config.num_attention_heads
         means[comp] = _mean_output(pruned0, get_adapter(res.model.config).o_proj(pruned0), x, kwargs)

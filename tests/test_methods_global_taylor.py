@@ -15,7 +15,7 @@ from structprune.surgery import get_weight, head_columns
 def _cfg(**kw):
     base = dict(sparsity=0.3, nsamples=6, seqlen=24, batch_size=1, device="cpu")
     base.update(kw)
-    return sp.PruneConfig(**base)
+    return sp.PruneConfig.from_flat(**base)
 
 
 @pytest.mark.parametrize("sparsity", [0.2, 0.5])

@@ -16,7 +16,7 @@ from structprune.methods.output import clean_copy, decoder_linear_params, decode
 
 def _pruned(fam: str = "llama"):
     model = tiny_model(fam)
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, device="cpu")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, device="cpu")
     return model, cfg, sp.prune(model, cfg, calib_windows=windows(8), progress=False)
 
 

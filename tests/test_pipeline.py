@@ -13,7 +13,7 @@ from structprune.arch import get_adapter
 def _cfg(**kw):
     base = dict(sparsity=0.3, nsamples=8, seqlen=24, batch_size=3, device="cpu")
     base.update(kw)
-    return sp.PruneConfig(**base)
+    return sp.PruneConfig.from_flat(**base)
 
 
 def test_sparsity_zero_changes_nothing(family):

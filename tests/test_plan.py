@@ -18,7 +18,7 @@ from structprune.plan import PLAN_VERSION, PrunePlan, apply_plan
 @pytest.fixture(scope="module")
 def pruned():
     model = tiny_model("llama")
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=4, seqlen=16, device="cpu")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=4, seqlen=16, device="cpu")
     return model, sp.prune(copy.deepcopy(model), cfg, calib_windows=windows(4, 16), progress=False)
 
 

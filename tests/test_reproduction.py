@@ -119,7 +119,7 @@ def calibration_text() -> str:
 
 def run_case(case: dict[str, Any], tmp: Path) -> sp.PruneResult:
     """Prune as the case says, through the public API only."""
-    config = sp.PruneConfig(**case["config"])
+    config = sp.PruneConfig.from_flat(**case["config"])
     if case["holdout"] == "file":
         folder, text = tmp / "model", tmp / "calib.txt"
         save_tiny_folder(folder)
@@ -128,7 +128,7 @@ def run_case(case: dict[str, Any], tmp: Path) -> sp.PruneResult:
     holdout = windows(2, seed=7) if case["holdout"] == "given" else None
     masks = None
     if "masks" in case:
-        masks = sp.prune(tiny_model(case["family"]), sp.PruneConfig(**case["masks"]), calib_windows=windows(8),
+        masks = sp.prune(tiny_model(case["family"]), sp.PruneConfig.from_flat(**case["masks"]), calib_windows=windows(8),
                          holdout_windows=windows(2, seed=7), progress=False).plan
     return sp.prune(tiny_model(case["family"]), config, calib_windows=windows(8), holdout_windows=holdout,
                     progress=False, masks=masks)

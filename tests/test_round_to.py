@@ -39,8 +39,8 @@ def test_round_to_keeps_multiples_and_meets_sparsity(sparsity, allocation):
     sparsity stays within a point of the unrounded run (rounding every layer the same way would miss it)."""
     kw = dict(sparsity=sparsity, nsamples=8, seqlen=24, batch_size=4, device="cpu", allocation=allocation,
               temperature="1x")
-    plain = sp.prune(_model(), sp.PruneConfig(**kw), calib_windows=windows(8), progress=False)
-    rounded = sp.prune(_model(), sp.PruneConfig(**kw, round_to=32), calib_windows=windows(8), progress=False)
+    plain = sp.prune(_model(), sp.PruneConfig.from_flat(**kw), calib_windows=windows(8), progress=False)
+    rounded = sp.prune(_model(), sp.PruneConfig.from_flat(**kw, round_to=32), calib_windows=windows(8), progress=False)
     kept = [len(lp.kept_neurons) for lp in rounded.plan.layers]
     assert all(k % 32 == 0 or k == 256 for k in kept), kept
     assert [len(lp.kept_heads) for lp in rounded.plan.layers] == [len(lp.kept_heads) for lp in plain.plan.layers]
@@ -53,9 +53,9 @@ def test_round_to_validation_and_cli():
     from structprune.cli_options import config_from_args as _config
 
     with pytest.raises(ValueError, match="round_to"):
-        sp.PruneConfig(round_to=0)
+        sp.PruneConfig.from_flat(round_to=0)
     with pytest.raises(ValueError, match="round_to"):
-        sp.PruneConfig(round_to=64, scope="global", reconstruction="none")
+        sp.PruneConfig.from_flat(round_to=64, scope="global", reconstruction="none")
     args = build_parser().parse_args(["prune", "m", "--round-to", "64"])
     assert _config(args).round_to == 64
     assert _config(build_parser().parse_args(["prune", "m"])).round_to == 1
@@ -67,7 +67,7 @@ def test_resumed_run_carries_the_rounding_of_finished_layers(tmp_path):
 
     from structprune.io import ShardWriter
 
-    cfg = sp.PruneConfig(sparsity=0.35, nsamples=8, seqlen=24, batch_size=4, device="cpu", round_to=32)
+    cfg = sp.PruneConfig.from_flat(sparsity=0.35, nsamples=8, seqlen=24, batch_size=4, device="cpu", round_to=32)
     ref = sp.prune(_model(), cfg, calib_windows=windows(8), progress=False)
     assert len({len(lp.kept_neurons) for lp in ref.plan.layers}) > 1  # the carry changes shapes over depth
     sink = _interrupting(ShardWriter(tmp_path / "m"), after=3)

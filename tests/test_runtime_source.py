@@ -37,7 +37,7 @@ class TrackingSource(SafetensorsSource):
 def test_safetensors_stream_equals_in_memory(family, tmp_path):
     model = tiny_model(family)
     model.save_pretrained(tmp_path / "dense")
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, batch_size=4, device="cpu")
     ids = windows(8)
     mem = sp.prune(model, cfg, calib_windows=ids, progress=False)
     disk = sp.prune(str(tmp_path / "dense"), cfg, calib_windows=ids, progress=False)
@@ -52,7 +52,7 @@ def test_at_most_one_dense_layer_resident(tmp_path):
     model.save_pretrained(tmp_path / "dense")
     for allocation in ("uniform", "softmax"):
         src = TrackingSource(tmp_path / "dense")
-        cfg = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation=allocation,
+        cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation=allocation,
                              temperature="1.0")
         res = sp.prune(src, cfg, calib_windows=windows(8), progress=False)
         assert src.peak == 1, (allocation, src.peak)
@@ -88,7 +88,7 @@ def _recording_run(folder, tmp_path, **cfg):
 
     src = RecordingSource(folder, events=events)
     sink = RecordingWriter(tmp_path / f"out-{len(list(tmp_path.iterdir()))}", release=True)
-    config = sp.PruneConfig(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", rho=1.0, **cfg)
+    config = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", rho=1.0, **cfg)
     res = sp.prune(src, config, calib_windows=windows(8), progress=False, sink=sink)
     return src, events, res
 

@@ -64,7 +64,7 @@ def test_held_back_windows_are_batched_like_the_calibration_stream():
     from structprune.planning import capture_holdout
     from structprune.runtime.stream import device_batch
 
-    model, _, stream = _stream(n=4, batch=device_batch(sp.PruneConfig(batch_size=8, chunk_tokens=48, seqlen=24), 24))
+    model, _, stream = _stream(n=4, batch=device_batch(sp.PruneConfig.from_flat(batch_size=8, chunk_tokens=48, seqlen=24), 24))
     hold = capture_holdout(model, stream, windows(5, seed=3))
     assert stream.batch == 2 and [x.shape[0] for x in hold] == [2, 2, 1]
     assert len(capture_holdout(model, stream, windows(5)[:0])) == 0  # an empty shard

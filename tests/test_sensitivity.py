@@ -26,7 +26,7 @@ def test_sensitivity_measures_a_dead_mlp_as_free_and_allocates_by_the_curves():
     layers = ad.decoder_layers(model)
     with torch.no_grad():
         ad.down_proj(layers[1]).weight.mul_(1e-3)
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=12, seqlen=24, batch_size=4, device="cpu", allocation="sensitivity",
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=12, seqlen=24, batch_size=4, device="cpu", allocation="sensitivity",
                          prune_attention=False)
     res = sp.prune(model, cfg, calib_windows=windows(12), progress=False)
     info = res.plan.allocation
@@ -51,6 +51,6 @@ def test_sensitivity_measures_a_dead_mlp_as_free_and_allocates_by_the_curves():
 
 def test_sensitivity_with_one_calibration_window_is_a_clear_error():
     """One window cannot be split into calibration and held-back text; the rule refuses, naming the fix."""
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=1, seqlen=24, device="cpu", allocation="sensitivity")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=1, seqlen=24, device="cpu", allocation="sensitivity")
     with pytest.raises(ValueError, match="nsamples >= 2"):
         sp.prune(tiny_model("llama"), cfg, calib_windows=windows(1), progress=False)

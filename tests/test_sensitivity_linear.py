@@ -32,7 +32,7 @@ def _measure(model, rule, keys, removed, n_calib=8, n_hold=4, batch=4, text=None
     text: (calibration, held-back) windows (default: random tokens)."""
     ad = get_adapter(model.config)
     layers = ad.decoder_layers(model)
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=n_calib, seqlen=24, batch_size=batch, device="cpu",
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=n_calib, seqlen=24, batch_size=batch, device="cpu",
                          allocation="sensitivity")
     counts = {"layer": 0, "head": 0}
 
@@ -163,7 +163,7 @@ def test_layer_forwards_grow_linearly_with_depth():
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2"])
 def test_linear_sensitivity_meets_the_sparsity_on_every_family(family):
     model = tiny_model(family)
-    cfg = sp.PruneConfig(sparsity=0.35, nsamples=12, seqlen=24, batch_size=4, device="cpu", allocation="sensitivity",
+    cfg = sp.PruneConfig.from_flat(sparsity=0.35, nsamples=12, seqlen=24, batch_size=4, device="cpu", allocation="sensitivity",
                          sensitivity="linear")
     res = sp.prune(model, cfg, calib_windows=windows(12), progress=False)
     assert abs(res.plan.actual_sparsity - 0.35) < 0.04
@@ -176,7 +176,7 @@ def test_linear_plan_follows_its_curves():
     """The kept fractions are `sensitivity_split` of the recorded (estimated) curves."""
     model = tiny_model("llama")
     ad = get_adapter(model.config)
-    cfg = sp.PruneConfig(sparsity=0.3, nsamples=12, seqlen=24, batch_size=4, device="cpu", allocation="sensitivity",
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=12, seqlen=24, batch_size=4, device="cpu", allocation="sensitivity",
                          sensitivity="linear", prune_attention=False)
     res = sp.prune(model, cfg, calib_windows=windows(12), progress=False)
     info = res.plan.allocation
@@ -190,9 +190,9 @@ def test_linear_plan_follows_its_curves():
 
 def test_sensitivity_option_is_validated_and_reaches_the_run(tmp_path, capsys):
     with pytest.raises(ValueError, match="sensitivity='quadratic'"):
-        sp.PruneConfig(sensitivity="quadratic")
-    assert sp.PruneConfig().sensitivity == "exact"
-    linear = sp.PruneConfig(allocation="sensitivity", sensitivity="linear")
+        sp.PruneConfig.from_flat(sensitivity="quadratic")
+    assert sp.PruneConfig().allocation.sensitivity == "exact"
+    linear = sp.PruneConfig.from_flat(allocation="sensitivity", sensitivity="linear")
     assert sp.PruneConfig.from_dict(linear.to_dict()) == linear
     import json
 
@@ -209,4 +209,4 @@ def test_sensitivity_option_is_validated_and_reaches_the_run(tmp_path, capsys):
                  "--allocation", "sensitivity", "--sensitivity", "linear", "--device", "cpu", "--no-progress"])
     assert code == 0, capsys.readouterr().out
     plan = json.loads((out / "structprune_plan.json").read_text())
-    assert plan["config"]["sensitivity"] == "linear" and plan["allocation"]["sensitivity"] == "linear"
+    assert plan["config"]["allocation"]["sensitivity"] == "linear" and plan["allocation"]["sensitivity"] == "linear"

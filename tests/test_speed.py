@@ -19,7 +19,7 @@ def test_bench_speed_cli_on_a_per_layer_folder(tmp_path):
     from structprune.io.resolve import load_model
 
     dense, tok = load_model(str(dense_dir))
-    cfg = sp.PruneConfig(sparsity=0.4, nsamples=8, seqlen=24, batch_size=4, device="cpu", allocation="softmax")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.4, nsamples=8, seqlen=24, batch_size=4, device="cpu", allocation="softmax")
     res = sp.prune(dense, cfg, calib_windows=windows(8), progress=False)
     assert not res.model.config.structprune["vanilla"]
     pruned_dir = save_pruned(res.model, res.plan, tmp_path / "pruned", tokenizer=tok)

@@ -18,7 +18,7 @@ def _finite(model) -> bool:
 @pytest.mark.parametrize("sparsity", [0.1, 0.7])
 def test_admm_finite_across_sparsities(family, sparsity):
     model = tiny_model(family)
-    cfg = sp.PruneConfig(sparsity=sparsity, nsamples=6, seqlen=16, device="cpu", reconstruction="admm", admm_iters=2)
+    cfg = sp.PruneConfig.from_flat(sparsity=sparsity, nsamples=6, seqlen=16, device="cpu", reconstruction="admm", admm_iters=2)
     res = sp.prune(model, cfg, calib_windows=windows(6, 16), progress=False)
     assert _finite(res.model)
     assert torch.isfinite(logits(res.model, windows(2, 16))).all()
@@ -34,7 +34,7 @@ def test_dead_neurons_constant_inputs_and_one_window(family):
                 get_weight(m)[: get_weight(m).shape[0] // 3] = 0  # a third of the neurons dead
     ids = torch.full((1, 12), 7)
     for rec in ("lstsq", "admm"):
-        cfg = sp.PruneConfig(sparsity=0.5, nsamples=1, seqlen=12, device="cpu", reconstruction=rec, admm_iters=2)
+        cfg = sp.PruneConfig.from_flat(sparsity=0.5, nsamples=1, seqlen=12, device="cpu", reconstruction=rec, admm_iters=2)
         res = sp.prune(model, cfg, calib_windows=ids, progress=False)
         assert _finite(res.model), rec
         assert torch.isfinite(logits(res.model, windows(2, 12))).all(), rec
@@ -47,8 +47,8 @@ def test_admm_gradient_producer_updates_are_wired_and_improve(family):
     iterate would be the start)."""
     model = tiny_model(family)
     base = dict(sparsity=0.3, nsamples=6, seqlen=16, device="cpu", reconstruction="admm", admm_iters=2, rho=1.0)
-    exact = sp.prune(model, sp.PruneConfig(**base), calib_windows=windows(6, 16), progress=False)
-    sgd = sp.prune(model, sp.PruneConfig(**base, admm_sgd_steps=3), calib_windows=windows(6, 16), progress=False)
+    exact = sp.prune(model, sp.PruneConfig.from_flat(**base), calib_windows=windows(6, 16), progress=False)
+    sgd = sp.prune(model, sp.PruneConfig.from_flat(**base, admm_sgd_steps=3), calib_windows=windows(6, 16), progress=False)
     assert _finite(sgd.model)
     assert all(lp.recon["mlp"]["admm_best_iter"] > 0 for lp in exact.plan.layers)  # ADMM moved in both runs
     recon = [lp.recon["mlp"] for lp in sgd.plan.layers]

@@ -7,6 +7,7 @@ picks the method (`methods.get_method(config.method)`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,14 +52,16 @@ def split_holdout(windows: torch.Tensor, config: PruneConfig
     held-back data: the last max(1, n // 8) windows are held back (returns (windows, holdout,
     config)). One window cannot be split: allocation "sensitivity" is refused, and the rho and
     temperature searches fall back to rho=1 and T=inf (uniform) with a warning."""
-    if windows.shape[0] < 2 and config.allocation == "sensitivity":
+    if windows.shape[0] < 2 and config.allocation.rule == "sensitivity":
         raise ValueError("allocation='sensitivity' measures losses on held-back calibration windows and one "
                          "calibration window cannot be split; use nsamples >= 2 or pass holdout windows")
     if windows.shape[0] < 2:
         log.warning("one calibration window cannot be split for the automatic allocation search; "
                     "using rho=1 and T=inf (uniform) instead")
-        return windows, None, config.replace(rho=1.0 if config.rho == "auto" else config.rho,
-                                             temperature="inf" if config.temperature == "auto" else config.temperature)
+        a = config.allocation
+        fallback = a.replace(rho=1.0 if a.rho is None else a.rho,
+                             temperature=math.inf if a.temperature is None else a.temperature)
+        return windows, None, config.replace(allocation=fallback)
     n_hold = max(1, windows.shape[0] // 8)
     return windows[:-n_hold], windows[-n_hold:], config
 

@@ -45,8 +45,8 @@ def _prune_rows(args: argparse.Namespace, config: PruneConfig, run: Any) -> list
     plan = run.result.plan
     rows = [
         ("model", args.model),
-        ("method", f"{args.method} (scorer {config.scorer}, allocation {config.allocation}, "
-                   f"reconstruction {config.reconstruction})"),
+        ("method", f"{args.method} (scorer {config.scorer}, allocation {config.allocation.rule}, "
+                   f"reconstruction {config.refit.method})"),
         ("calibration", f"{config.calib}: {config.nsamples} x {config.seqlen} tokens, seed {config.seed}"),
         ("parameters (all)", f"{plan.params_dense:,} -> {plan.params_pruned:,}"),
         ("decoder linear weights", f"{plan.decoder_params_dense:,} -> {plan.decoder_params_pruned:,}"),
@@ -128,11 +128,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
         return 0
-    cfg = plan.config
+    cfg = PruneConfig.from_dict(plan.config)
     print(table([
         ("model type", plan.model_type),
-        ("method", f"scorer {cfg['scorer']}, allocation {cfg['allocation']}, reconstruction {cfg['reconstruction']}"),
-        ("sparsity", f"actual {plan.actual_sparsity:.4f} (requested {cfg['sparsity']})"),
+        ("method", f"scorer {cfg.scorer}, allocation {cfg.allocation.rule}, reconstruction {cfg.refit.method}"),
+        ("sparsity", f"actual {plan.actual_sparsity:.4f} (requested {cfg.sparsity})"),
         ("parameters (all)", f"{plan.params_dense:,} -> {plan.params_pruned:,}"),
     ]))
     print(f"\n{'layer':>5} {'heads':>7} {'kv':>5} {'neurons':>11} {'attn err none->fit':>22} {'mlp err none->fit':>22}")

@@ -1,10 +1,22 @@
-"""Run configuration: frozen dataclasses with validation and a JSON round trip."""
+"""Run configuration: frozen dataclasses with validation and a JSON round trip.
+
+`PruneConfig` holds the core settings (what to prune, calibration, device) and one section per
+stage: `allocation` (how the budget is spread), `refit` (how kept weights are re-fitted, with its
+`admm` settings) and `flap` (FLAP's ranking). Each section validates its own fields; the rules
+that join sections live in `PruneConfig.__post_init__`.
+
+`PruneConfig.from_flat(**options)` is the one map from the flat option names of the command
+line, the presets and old plans ("rho", "temperature", "admm_iters", "reconstruction", ...) to
+this nesting; `parse_rho` and `parse_temperature` read their "auto" and "0.1x" strings.
+`to_dict()` is nested with "_version": 2; `from_dict()` also reads the flat version-1 dicts of
+plans written before (docs/usage.md, "Options", lists every option and its measured effect).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 LAYER_ALLOCATIONS = ("uniform", "closed-form", "softmax", "softmax-modular", "sensitivity")  # layer pipeline
 ALLOCATIONS = (*LAYER_ALLOCATIONS, "flap")
@@ -18,92 +30,213 @@ TARGETS = ("dense", "local", "residual")
 SCOPES = ("layer", "global")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 MAX_SPARSITY = 0.95
+VERSION = 2  # to_dict's "_version"; dicts without one are the flat version 1
+RETIRED = ("refit_holdout",)  # flat version-1 fields no longer read (plans written before they were removed)
 
 
-def temperature_value(text: str | float) -> tuple[float, bool]:
-    """Parse a fixed temperature: (value, relative). "0.1x" is 0.1 times the score scale."""
-    text = str(text).strip()
-    if text.endswith("x"):
-        return float(text[:-1]), True
-    return float(text), False
-
-
-def _check(cond: bool, name: str, value: Any, why: str) -> None:
+def check(cond: bool, name: str, value: Any, why: str) -> None:
+    """ValueError naming the option and its value unless `cond`."""
     if not cond:
         raise ValueError(f"{name}={value!r} is invalid: {why}")
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_rho(value: str | float | None) -> float | None:
+    """A rho option: "auto" (or None) -> None (searched on held-back data), else a number >= 0."""
+    if value is None or value == "auto":
+        return None
+    try:
+        rho = float(value)
+    except (TypeError, ValueError):
+        rho = -1.0
+    check(rho >= 0, "rho", value, "use 'auto' or a number >= 0 (attention/MLP pruning ratio)")
+    return rho
+
+
+def parse_temperature(value: str | float | None) -> tuple[float | None, bool]:
+    """A temperature option: (value, relative). "auto" (or None) -> (None, False): searched on
+    held-back data; "0.1x" -> (0.1, True): 0.1 times the score scale; "2" or 2.0 -> (2.0, False)."""
+    if value is None or value == "auto":
+        return None, False
+    text = str(value).strip()
+    relative = text.endswith("x")
+    try:
+        t = float(text[:-1] if relative else text)
+    except ValueError:
+        t = -1.0
+    check(t > 0, "temperature", value, "use 'auto', a positive number, or a multiple of the score scale such as '0.1x'")
+    return t, relative
+
+
+class Section:
+    """replace / to_dict / from_dict shared by the config dataclasses. NESTED names the fields
+    that hold another section, and its class."""
+
+    NESTED: ClassVar[dict[str, type]] = {}
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(names)}")
+        return cls(**{k: cls.NESTED[k].from_dict(v) if k in cls.NESTED else v for k, v in data.items()})
+
+
 @dataclass(frozen=True)
-class PruneConfig:
+class AdmmConfig(Section):
+    """ADMM re-fit (reconstruction "admm"): iterations, the three penalties (producer fit,
+    output fit, activation consistency) and gradient steps (0: closed-form solves)."""
+
+    iters: int = 4  # ADMM iterations per layer
+    alpha: float = 1.0  # producer-fit penalty
+    beta: float = 10.0  # output-fit penalty
+    gamma: float = 1.0  # activation-consistency penalty
+    sgd_steps: int = 0  # producer update by this many gradient steps instead of the Cholesky solve
+    attn_steps: int = 10  # attention: value-projection gradient steps per iteration (0: o_proj re-fit only)
+
+    def __post_init__(self) -> None:
+        check(self.iters >= 0, "admm_iters", self.iters, "must be >= 0")
+        check(self.sgd_steps >= 0, "admm_sgd_steps", self.sgd_steps, "must be >= 0 (0: closed-form producer solves)")
+        check(self.attn_steps >= 0, "admm_attn_steps", self.attn_steps,
+              "must be >= 0 (0: attention keeps the one-shot least-squares re-fit)")
+        for name in ("alpha", "beta", "gamma"):
+            check(getattr(self, name) > 0, f"admm_{name}", getattr(self, name), "ADMM penalties must be positive")
+
+
+@dataclass(frozen=True)
+class RefitConfig(Section):
+    """How kept weights are re-fitted after units are removed.
+
+    method: "none", "lstsq" (damped least squares) or "admm" (settings in `admm`).
+    target: "local" fits each consumer to the dense layer applied to the pruned stream; "dense"
+        to the dense model's outputs on the dense stream; "residual" fits the MLP consumer so the
+        layer's output returns to the dense residual stream (attention stays local; lstsq only).
+    target_mix: with target "residual", its weight against the local target (1: residual only).
+    damp: relative ridge damping, times mean(diag(Gram)).
+    bias_compensation: add zero biases where the family's config can express them (llama:
+        attention_bias and mlp_bias; qwen3, gemma3: attention_bias) so the re-fit can absorb the
+        mean output of removed units; with allocation "flap" (no re-fit) the bias gains
+        W[:, removed] @ mean(x[removed]). The checkpoint stays loadable by plain transformers.
+    """
+
+    NESTED: ClassVar[dict[str, type]] = {"admm": AdmmConfig}
+
+    method: str = "lstsq"
+    target: str = "local"
+    target_mix: float = 1.0
+    damp: float = 0.01
+    bias_compensation: bool = False
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
+
+    def __post_init__(self) -> None:
+        check(self.method in RECONSTRUCTIONS, "reconstruction", self.method, f"choose one of {RECONSTRUCTIONS}")
+        check(self.target in TARGETS, "target", self.target, f"choose one of {TARGETS}")
+        check(0.0 <= self.target_mix <= 1.0, "target_mix", self.target_mix, "use a fraction in [0, 1]")
+        check(self.target != "residual" or self.method == "lstsq", "reconstruction", self.method,
+              "target 'residual' is a least-squares target; use reconstruction 'lstsq'")
+        check(self.damp > 0, "damp", self.damp, "damping must be positive")
+
+
+@dataclass(frozen=True)
+class AllocationConfig(Section):
+    """How the sparsity budget is spread over layers and modules.
+
+    rule: "uniform", "closed-form", "softmax", "softmax-modular", "sensitivity" (each module's
+        held-back loss increase when it alone is pruned and re-fitted at a few ratios;
+        sensitivity/) or "flap" (FLAP's global ranking of standardised scores; methods/flap.py).
+    sensitivity: how rule "sensitivity" scores a module: "exact" pushes it through every later
+        layer and the head (quadratic in depth); "linear" estimates the held-back loss increase
+        from one streamed backward pass (docs/sensitivity.md).
+    temperature: softmax rules' temperature; None: searched on held-back calibration windows.
+    temperature_relative: the temperature is a multiple of the score scale (option "0.1x").
+    rho: attention pruning ratio relative to the MLP's, for "uniform" and "softmax-modular"
+        (0: MLP only; 1: equal); None: chosen on held-back windows among 0, 0.5 and 1 (1 where
+        nothing is searched).
+    gamma: softmax-modular depth decay (> 0 prunes deeper layers more).
+    layer_importance: how the softmax rules compare layers: "raw" (unit scores per parameter),
+        "relative" (divided by the RMS of the layer's input hidden states) or "robust" (divided
+        by the median over tokens of each token's RMS, blind to a few massive activations).
+    """
+
+    rule: str = "uniform"
+    sensitivity: str = "exact"
+    temperature: float | None = None
+    temperature_relative: bool = False
+    rho: float | None = None
+    gamma: float = 0.0
+    layer_importance: str = "robust"
+
+    def __post_init__(self) -> None:
+        check(self.rule in ALLOCATIONS, "allocation", self.rule, f"choose one of {ALLOCATIONS}")
+        check(self.sensitivity in SENSITIVITIES, "sensitivity", self.sensitivity, f"choose one of {SENSITIVITIES}")
+        check(self.temperature is None or is_number(self.temperature) and self.temperature > 0, "temperature",
+              self.temperature, "use None (search) or a positive number (strings such as 'auto' or '0.1x': "
+              "parse_temperature or PruneConfig.from_flat)")
+        check(self.temperature is not None or not self.temperature_relative, "temperature_relative",
+              self.temperature_relative, "a searched temperature (None) is not a multiple of anything")
+        check(self.rho is None or is_number(self.rho) and self.rho >= 0, "rho", self.rho,
+              "use None (search) or a number >= 0 (attention/MLP pruning ratio; 'auto': parse_rho or from_flat)")
+        check(self.layer_importance in LAYER_IMPORTANCE, "layer_importance", self.layer_importance,
+              f"choose one of {LAYER_IMPORTANCE}")
+
+    @property
+    def temperature_option(self) -> str | float:
+        """The temperature as the flat option writes it: "auto", "0.1x" or a number."""
+        if self.temperature is None:
+            return "auto"
+        return f"{self.temperature!r}x" if self.temperature_relative else self.temperature
+
+
+@dataclass(frozen=True)
+class FlapConfig(Section):
+    """FLAP (allocation "flap"): standardise scores per "layer" and module (the reference code)
+    or per module "kind" over all layers; square_attention squares the attention column scores
+    once more before standardising, as the reference code does (the paper's metric does not)."""
+
+    standardise: str = "layer"
+    square_attention: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.standardise in FLAP_STANDARDISE, "flap_standardise", self.standardise,
+              f"choose one of {FLAP_STANDARDISE}")
+
+
+@dataclass(frozen=True)
+class PruneConfig(Section):
     """Everything that decides what a pruning run does.
 
     sparsity: ACTUAL fraction of decoder linear weight parameters to remove (PROTOCOL.md).
-    scope: "layer" (STRUPRUNE: one layer at a time) or "global" (the O(N) baseline: whole model
-        on the device, first-order Taylor ranking of all units together; methods/global_taylor.py).
-    nsamples / seqlen: calibration windows and their length in tokens. The least-squares re-fit is
-        data-hungry: on SmolLM2-135M (softmax allocation, FFN only) 16 x 512 windows gave 24.49 / 32.52 /
-        59.40 perplexity at 20 / 30 / 50%, the default 64 x 512 gives 22.02 / 28.25 / 53.51 (relative
-        layer importance; robust: 21.41 / 28.34 / 53.17).
+    scope: "layer" (one layer at a time) or "global" (the O(N) baseline: whole model on the
+        device, first-order Taylor ranking of all units together; methods/global_taylor.py).
+    nsamples / seqlen: calibration windows and their length in tokens; seed: their offsets.
     batch_size: calibration windows moved to the compute device at once.
     chunk_tokens: the device memory knob: at most this many calibration tokens on the compute
         device at once (batches are cut to max(1, chunk_tokens // seqlen) windows; ADMM processes
         its FFN buffers in chunks of this many tokens).
+    calib: calibration text (a name or a file); device: "auto", "cpu", "cuda[:N]"; dtype: the
+        model's compute dtype.
+    prune_attention / prune_mlp: which unit kinds may be removed (heads, FFN neurons).
+    max_layer_sparsity: cap on the fraction of any module's weights removed.
+    round_to: kept FFN neurons per layer a multiple of this (layer pipeline only).
     scorer: unit importance ("wanda": |W| column norm x input-activation norm). It ranks layers
         for the allocation rules and, with selection "score", units within a module.
     selection: how a module picks the units it keeps once its budget is set: "score" (the
-        top-scoring units) or "obs" (reconstruction-aware: greedy structured Optimal Brain
-        Surgeon on the consumer's Gram matrix, removing the units whose loss the least-squares
-        re-fit of the others can best absorb; heads by their block OBS cost). Needs a re-fit.
-    allocation: how the budget is spread over layers and modules. "flap": FLAP's global
-        ranking of standardised fluctuation scores (methods/flap.py; no re-fit, reconstruction "none").
-        "sensitivity": each module's held-back loss increase is measured when it alone is pruned
-        (and re-fitted) at a few ratios, and the budget goes where the summed increase is least
-        (sensitivity.py; SmolLM2-135M, FFN only, 64 x 512: 19.52 / 26.47 at 20 / 30%, 3-4x the
-        softmax rule's pruning time).
-    sensitivity: how allocation "sensitivity" scores a pruned, re-fitted module: "exact" pushes it
-        through every later dense layer and the head (len(fractions) x L(L+1)/2 layer forwards per
-        kind); "linear" estimates the held-back loss increase from its output change and the
-        gradient of one streamed backward pass (second-order, empirical Fisher; L-linear cost;
-        sensitivity_linear.py, docs/sensitivity.md).
-    reconstruction: how kept weights are re-fitted ("lstsq": damped least squares).
-    target: "local" (default) fits each consumer projection to the dense layer applied to the
-        pruned stream (classic layer-wise reconstruction); "dense" fits it to the dense model's
-        outputs on the dense stream. Measured on SmolLM2-135M at 30% (16 x 512 calibration):
-        local 46.5, dense 103.8 perplexity, so local is the default. "residual" fits the MLP
-        consumer so that the layer's output returns to the dense model's residual stream
-        (correcting upstream error; attention stays local): at 20% with 64 x 512 calibration and
-        target_mix 0.5 it gave wiki 21.17 against 21.41 but pydoc 37.68 against 36.61, at 1.4x
-        the pruning time: it fits the calibration domain.
-    target_mix: with target "residual", the weight of the residual target against the local
-        one (1: residual only; 0: the local re-fit).
-    rho: attention pruning ratio relative to the MLP's, for the uniform and softmax-modular
-        rules (0: MLP only; 1: equal). "auto" picks it on held-back calibration windows among
-        0, 0.5 and 1 (uniform; softmax-modular, before its temperature search). On SmolLM2-135M at 30% (3 KV
-        groups per layer, so attention moves in steps of a whole group) MLP-only measured
-        34.6 perplexity against 44.1 for equal ratios.
-    layer_importance: how the softmax rules compare layers: "raw" (sum of Wanda-style unit
-        scores per parameter), "relative" (the same divided by the RMS of the layer's input
-        hidden states, i.e. the layer's output relative to the residual stream it is added to;
-        raw Wanda importances grow about ten-fold with depth on SmolLM2-135M) or "robust"
-        (divided by the median over tokens of each token's RMS there instead: a few tokens with
-        massive activations, norm ~1,150 against a median ~6 from layer 12 of SmolLM2-135M on,
-        make the plain RMS jump 7x and "relative" undervalue every later layer). With the
-        temperature search (SmolLM2-135M, FFN only, 16 x 512 calibration) relative beat uniform
-        at 20 / 30 / 50% (24.5 / 32.5 / 59.4 vs 25.6 / 34.6 / 77.2), raw did not (25.2 / 34.6 /
-        78.3). Default "robust": at 64 x 512, 21.41 / 28.34 / 53.17 (pydoc 36.61 / 52.06 / 106.2)
-        against relative's 22.02 / 28.25 / 53.51 (37.87 / 51.98 / 111.4).
-    damp: relative ridge damping, times mean(diag(Gram)).
-    bias_compensation: where the family's config can express it (llama: attention_bias and
-        mlp_bias; qwen3, gemma3: attention_bias), add zero biases so the re-fit can compensate
-        the mean output of removed units. The checkpoint stays loadable by plain transformers.
-        With allocation "flap" (no re-fit) the bias gains W[:, removed] @ mean(x[removed]).
-    flap_standardise: FLAP's score standardisation, per "layer" and module (the reference
-        code) or per module "kind" over all layers.
-    flap_square_attention: square the attention column scores once more before standardising,
-        as FLAP's reference code does (default); the paper's metric (False) does not. On
-        SmolLM2-135M (16 x 512 calibration) at 20 / 30 / 50%: squared 25.8 / 42.8 / 979, paper's
-        29.1 / 45.2 / 469 (published 25.0 / 39.2 / 512).
+        top-scoring units) or "obs" (greedy structured Optimal Brain Surgeon on the consumer's
+        Gram matrix; needs a re-fit).
+    allocation, refit, flap: the stage sections (their classes say what each field does).
     """
+
+    NESTED: ClassVar[dict[str, type]] = {"allocation": AllocationConfig, "refit": RefitConfig, "flap": FlapConfig}
 
     sparsity: float = 0.3
     scope: str = "layer"
@@ -111,92 +244,50 @@ class PruneConfig:
     seqlen: int = 512
     seed: int = 0
     batch_size: int = 8
+    chunk_tokens: int = 8192
     calib: str = "wiki"
-    scorer: str = "wanda"
-    selection: str = "score"
-    allocation: str = "uniform"
-    sensitivity: str = "exact"
-    reconstruction: str = "lstsq"
-    target: str = "local"
-    target_mix: float = 1.0
-    damp: float = 0.01
-    bias_compensation: bool = False
+    device: str = "auto"
+    dtype: str = "float32"
     prune_attention: bool = True
     prune_mlp: bool = True
     max_layer_sparsity: float = 0.9
-    temperature: str = "auto"
-    rho: float | str = "auto"
-    gamma: float = 0.0
-    layer_importance: str = "robust"
-    admm_iters: int = 4
-    admm_alpha: float = 1.0
-    admm_beta: float = 10.0
-    admm_gamma: float = 1.0
-    admm_sgd_steps: int = 0
-    admm_attn_steps: int = 10
-    chunk_tokens: int = 8192
-    flap_standardise: str = "layer"
-    flap_square_attention: bool = True
-    device: str = "auto"
-    dtype: str = "float32"
     round_to: int = 1
+    scorer: str = "wanda"
+    selection: str = "score"
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    refit: RefitConfig = field(default_factory=RefitConfig)
+    flap: FlapConfig = field(default_factory=FlapConfig)
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.sparsity <= MAX_SPARSITY, "sparsity", self.sparsity,
-               f"use a fraction in [0, {MAX_SPARSITY}] of decoder weights to remove")
-        _check(self.scope in SCOPES, "scope", self.scope, f"choose one of {SCOPES}")
-        _check(self.nsamples >= 1, "nsamples", self.nsamples, "need at least one calibration window")
-        _check(self.seqlen >= 8, "seqlen", self.seqlen, "windows must be at least 8 tokens")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _check(self.scorer in SCORERS, "scorer", self.scorer, f"choose one of {SCORERS}")
-        _check(self.selection in SELECTIONS, "selection", self.selection, f"choose one of {SELECTIONS}")
-        _check(self.selection != "obs" or self.reconstruction != "none", "reconstruction", self.reconstruction,
-               "selection 'obs' chooses units for the least-squares re-fit; use reconstruction 'lstsq' or 'admm'")
-        _check(self.allocation in ALLOCATIONS, "allocation", self.allocation, f"choose one of {ALLOCATIONS}")
-        _check(self.sensitivity in SENSITIVITIES, "sensitivity", self.sensitivity, f"choose one of {SENSITIVITIES}")
-        _check(self.reconstruction in RECONSTRUCTIONS, "reconstruction", self.reconstruction,
-               f"choose one of {RECONSTRUCTIONS}")
-        self._check_flap()
-        _check(self.flap_standardise in FLAP_STANDARDISE, "flap_standardise", self.flap_standardise,
-               f"choose one of {FLAP_STANDARDISE}")
-        _check(self.target in TARGETS, "target", self.target, f"choose one of {TARGETS}")
-        _check(0.0 <= self.target_mix <= 1.0, "target_mix", self.target_mix, "use a fraction in [0, 1]")
-        _check(self.target != "residual" or self.reconstruction == "lstsq", "reconstruction", self.reconstruction,
-               "target 'residual' is a least-squares target; use reconstruction 'lstsq'")
-        _check(self.damp > 0, "damp", self.damp, "damping must be positive")
-        _check(self.prune_attention or self.prune_mlp, "prune_attention/prune_mlp",
-               (self.prune_attention, self.prune_mlp), "at least one module kind must be prunable")
-        _check(0.0 < self.max_layer_sparsity <= 1.0, "max_layer_sparsity", self.max_layer_sparsity,
-               "must be in (0, 1]")
-        if self.temperature != "auto":
-            try:
-                t = temperature_value(self.temperature)[0]
-            except ValueError:
-                t = -1.0
-            _check(t > 0, "temperature", self.temperature,
-                   "use 'auto', a positive number, or a multiple of the score scale such as '0.1x'")
-        if self.rho != "auto":
-            try:
-                rho = float(self.rho)
-            except (TypeError, ValueError):
-                rho = -1.0
-            _check(rho >= 0, "rho", self.rho, "use 'auto' or a number >= 0 (attention/MLP pruning ratio)")
-        _check(self.layer_importance in LAYER_IMPORTANCE, "layer_importance", self.layer_importance,
-               f"choose one of {LAYER_IMPORTANCE}")
-        _check(self.admm_iters >= 0, "admm_iters", self.admm_iters, "must be >= 0")
-        _check(self.admm_sgd_steps >= 0, "admm_sgd_steps", self.admm_sgd_steps,
-               "must be >= 0 (0: closed-form producer solves)")
-        _check(self.admm_attn_steps >= 0, "admm_attn_steps", self.admm_attn_steps,
-               "must be >= 0 (0: attention keeps the one-shot least-squares re-fit)")
-        for name in ("admm_alpha", "admm_beta", "admm_gamma"):
-            _check(getattr(self, name) > 0, name, getattr(self, name), "ADMM penalties must be positive")
-        _check(self.chunk_tokens >= 16, "chunk_tokens", self.chunk_tokens, "must be >= 16")
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
-        _check(isinstance(self.round_to, int) and self.round_to >= 1, "round_to", self.round_to,
-               "use a whole number >= 1 (kept FFN neurons per layer a multiple of it)")
-        _check(self.round_to == 1 or self.method == "structprune", "round_to",
-               self.round_to, "rounding kept neurons is done by the layer pipeline; not with scope 'global' "
-               "or allocation 'flap'")
+        self._check_core()
+        # The rules that join sections: each is a combination no method runs.
+        check(self.selection != "obs" or self.refit.method != "none", "reconstruction", self.refit.method,
+              "selection 'obs' chooses units for the least-squares re-fit; use reconstruction 'lstsq' or 'admm'")
+        check(self.allocation.rule != "flap" or self.refit.method == "none", "reconstruction",
+              self.refit.method, "allocation 'flap' re-fits no weight; use reconstruction 'none'")
+        check(self.allocation.rule != "flap" or self.scope == "layer", "scope", self.scope,
+              "allocation 'flap' is its own whole-model ranking; use scope 'layer'")
+        check(self.round_to == 1 or self.method == "structprune", "round_to",
+              self.round_to, "rounding kept neurons is done by the layer pipeline; not with scope 'global' "
+              "or allocation 'flap'")
+
+    def _check_core(self) -> None:
+        check(0.0 <= self.sparsity <= MAX_SPARSITY, "sparsity", self.sparsity,
+              f"use a fraction in [0, {MAX_SPARSITY}] of decoder weights to remove")
+        check(self.scope in SCOPES, "scope", self.scope, f"choose one of {SCOPES}")
+        check(self.nsamples >= 1, "nsamples", self.nsamples, "need at least one calibration window")
+        check(self.seqlen >= 8, "seqlen", self.seqlen, "windows must be at least 8 tokens")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(self.scorer in SCORERS, "scorer", self.scorer, f"choose one of {SCORERS}")
+        check(self.selection in SELECTIONS, "selection", self.selection, f"choose one of {SELECTIONS}")
+        check(self.prune_attention or self.prune_mlp, "prune_attention/prune_mlp",
+              (self.prune_attention, self.prune_mlp), "at least one module kind must be prunable")
+        check(0.0 < self.max_layer_sparsity <= 1.0, "max_layer_sparsity", self.max_layer_sparsity,
+              "must be in (0, 1]")
+        check(self.chunk_tokens >= 16, "chunk_tokens", self.chunk_tokens, "must be >= 16")
+        check(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {DTYPES}")
+        check(isinstance(self.round_to, int) and self.round_to >= 1, "round_to", self.round_to,
+              "use a whole number >= 1 (kept FFN neurons per layer a multiple of it)")
 
     @property
     def method(self) -> str:
@@ -205,25 +296,71 @@ class PruneConfig:
         anything else -> "structprune" (the layer pipeline)."""
         if self.scope == "global":
             return "global"
-        return "flap" if self.allocation == "flap" else "structprune"
-
-    def _check_flap(self) -> None:
-        """Allocation "flap" is FLAP's own whole-model ranking: no re-fit, not combined with scope global."""
-        _check(self.allocation != "flap" or self.reconstruction == "none", "reconstruction",
-               self.reconstruction, "allocation 'flap' re-fits no weight; use reconstruction 'none'")
-        _check(self.allocation != "flap" or self.scope == "layer", "scope", self.scope,
-               "allocation 'flap' is its own whole-model ranking; use scope 'layer'")
-
-    def replace(self, **changes: Any) -> "PruneConfig":
-        return dataclasses.replace(self, **changes)
+        return "flap" if self.allocation.rule == "flap" else "structprune"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain values with "_version": 2 (JSON-serialisable; inf temperatures as floats)."""
+        return {"_version": VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        """A config from `to_dict`'s nested dict, or from a flat version-1 dict (no "_version";
+        saved plans before version 2): fields in RETIRED are dropped."""
+        data = dict(data)
+        version = data.pop("_version", 1)
+        if version == 1:
+            return cls.from_flat(**{k: v for k, v in data.items() if k not in RETIRED})
+        if version != VERSION:
+            raise ValueError(f"_version={version!r} is invalid: this structprune reads config versions 1 and {VERSION}")
+        return super().from_dict(data)
+
+    @classmethod
+    def from_flat(cls, **options: Any) -> "PruneConfig":
+        """A config from flat option names (the CLI's, the presets', version-1 plans'): see FLAT.
+        rho and temperature take "auto" and "0.1x" strings (`parse_rho`, `parse_temperature`)."""
+        unknown = sorted(set(options) - set(FLAT) - {"temperature"})
         if unknown:
-            raise ValueError(f"unknown PruneConfig fields {unknown}; known fields: {sorted(names)}")
-        return cls(**data)
+            raise ValueError(f"unknown options {unknown}; known options: {sorted([*FLAT, 'temperature'])}")
+        sections: dict[tuple[str, ...], dict[str, Any]] = {(): {}, ("allocation",): {}, ("refit",): {},
+                                                           ("refit", "admm"): {}, ("flap",): {}}
+        for name, value in options.items():
+            if name == "temperature":
+                t, relative = parse_temperature(value)
+                sections[("allocation",)].update(temperature=t, temperature_relative=relative)
+                continue
+            *path, key = FLAT[name]
+            sections[tuple(path)][key] = parse_rho(value) if name == "rho" else value
+        refit = RefitConfig(**sections[("refit",)], admm=AdmmConfig(**sections[("refit", "admm")]))
+        return cls(**sections[()], allocation=AllocationConfig(**sections[("allocation",)]), refit=refit,
+                   flap=FlapConfig(**sections[("flap",)]))
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat options that `from_flat` turns back into this config (rho and temperature as
+        the option strings "auto" and "0.1x" where they are searched or relative)."""
+        out: dict[str, Any] = {}
+        for name, path in FLAT.items():
+            value: Any = self
+            for part in path:
+                value = getattr(value, part)
+            out[name] = "auto" if name == "rho" and value is None else value
+        out["temperature"] = self.allocation.temperature_option
+        return out
+
+    def with_flat(self, **options: Any) -> "PruneConfig":
+        """This config with some flat options changed (e.g. `config.with_flat(rho=1.0)`)."""
+        return PruneConfig.from_flat(**{**self.to_flat(), **options})
+
+
+def _flat_names() -> dict[str, tuple[str, ...]]:
+    """Flat option name -> attribute path in PruneConfig (temperature is read by parse_temperature)."""
+    core = [f.name for f in dataclasses.fields(PruneConfig) if f.name not in PruneConfig.NESTED]
+    out: dict[str, tuple[str, ...]] = {name: (name,) for name in core}
+    out.update({"allocation": ("allocation", "rule"), "reconstruction": ("refit", "method")})
+    out.update({name: ("allocation", name) for name in ("sensitivity", "rho", "gamma", "layer_importance")})
+    out.update({name: ("refit", name) for name in ("target", "target_mix", "damp", "bias_compensation")})
+    out.update({f"admm_{f.name}": ("refit", "admm", f.name) for f in dataclasses.fields(AdmmConfig)})
+    out.update({f"flap_{f.name}": ("flap", f.name) for f in dataclasses.fields(FlapConfig)})
+    return out
+
+
+FLAT = _flat_names()  # flat option name -> attribute path; "temperature" is parsed into two fields

@@ -127,7 +127,7 @@ def unsupported(config: Any) -> list[str]:
     out = []
     if config.method == "global":
         out.append("scope='global' (method 'global': whole-model gradients)")
-    if config.reconstruction == "admm":
+    if config.refit.method == "admm":
         out.append("reconstruction='admm' (its iterations read every token's activations)")
     return out
 

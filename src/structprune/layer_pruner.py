@@ -80,7 +80,7 @@ class LayerPruner:
         # One device copy of the layer (the one pruned). A second, dense copy only when the dense
         # layer is run: a dense target stream or ADMM. Otherwise the re-fits read the dense consumer
         # weights straight from the host layer.
-        run_dense = xd is not None or self.config.reconstruction == "admm"
+        run_dense = xd is not None or self.config.refit.method == "admm"
         dense = xp.onload(host_layer) if run_dense else host_layer
         w = LayerWork(index, dense, xp.onload(host_layer), self.adapter.layer_shape(dense), xd, xp, xp.call(index))
         keep_q, keep_kv, head_scores = self._prune_attention(w, budget, fixed)
@@ -96,7 +96,7 @@ class LayerPruner:
             neuron_scores=neuron_scores.tolist(),
             attn_keep_target=budget.keep[(index, "attn")],
             mlp_keep_target=budget.keep[(index, "mlp")],
-            rule=self.config.allocation,
+            rule=self.config.allocation.rule,
             recon=w.recon,
         )
         next_d = None if dense_out is None else xd.with_hidden(dense_out)
@@ -116,14 +116,14 @@ class LayerPruner:
             choose_by = head_scores
             if cfg.selection == "obs" and target < ad.attn_params(w.shape):
                 o = ad.o_proj(w.dense)
-                choose_by = obs_unit_costs(get_weight(o), stats.gram, hd, cfg.damp, get_bias(o))
+                choose_by = obs_unit_costs(get_weight(o), stats.gram, hd, cfg.refit.damp, get_bias(o))
             keep_q, keep_kv = select_heads(choose_by, w.shape.num_kv_heads, target, ad.q_head_cost,
                                            ad.kv_head_cost)
         budget.spent(key, target, keep_q.numel() * ad.q_head_cost + keep_kv.numel() * ad.kv_head_cost)
         if keep_q.numel() < w.shape.num_heads:
             ad.slice_heads(w.pruned, keep_q, keep_kv)
             w.recon["attn"] = self._refit(ad.o_proj(w.pruned), ad.o_proj(w.dense), stats, head_columns(keep_q, hd))
-            if cfg.reconstruction == "admm" and cfg.admm_attn_steps > 0:
+            if cfg.refit.method == "admm" and cfg.refit.admm.attn_steps > 0:
                 w.recon["attn"].update(self._admm_attention(w))
         return keep_q, keep_kv, head_scores
 
@@ -141,14 +141,14 @@ class LayerPruner:
             down = ad.down_proj(w.dense)
             keep_n = obs_select_columns(get_weight(down), st.acc.gram,
                                         neuron_count(target, ad.neuron_cost, w.shape.intermediate_size, cfg.round_to),
-                                        cfg.damp, get_bias(down))
+                                        cfg.refit.damp, get_bias(down))
         else:
             keep_n = select_neurons(neuron_scores, target, ad.neuron_cost, cfg.round_to)
         budget.spent(key, target, keep_n.numel() * ad.neuron_cost)
         if keep_n.numel() < w.shape.intermediate_size or st.target is not None:  # residual: every layer re-fitted
             ad.slice_neurons(w.pruned, keep_n)
             w.recon["mlp"] = self._refit(ad.down_proj(w.pruned), ad.down_proj(w.dense), st.acc, keep_n, st.target)
-            if cfg.reconstruction == "admm":
+            if cfg.refit.method == "admm":
                 w.recon["mlp"].update(self._admm(w.pruned, w.dense, keep_n, st.block_in, st.block_out))
         return keep_n, neuron_scores, st.dense_out
 
@@ -163,12 +163,12 @@ class LayerPruner:
         inputs and outputs."""
         cfg, mlp = self.config, kind == "mlp"
         consumer = self.adapter.down_proj if mlp else self.adapter.o_proj
-        xd = w.xd if mlp or cfg.target == "dense" else None
+        xd = w.xd if mlp or cfg.refit.target == "dense" else None
         st = ConsumerStats(GramAccumulator(get_weight(consumer(w.pruned)).shape[1], device=self.device,
-                                           full=cfg.reconstruction != "none" or cfg.selection == "obs"),
+                                           full=cfg.refit.method != "none" or cfg.selection == "obs"),
                            dense_out=[] if mlp and xd is not None else None)
-        residual, block_io = mlp and cfg.target == "residual", mlp and cfg.reconstruction == "admm"
-        cross = not mlp or cfg.target == "dense"
+        residual, block_io = mlp and cfg.refit.target == "residual", mlp and cfg.refit.method == "admm"
+        cross = not mlp or cfg.refit.target == "dense"
         for b in range(len(w.xp)):
             x_p, x_in, c_out, out_p = self._pruned_run(w, consumer, b, residual, block_io)
             if block_io:
@@ -227,17 +227,17 @@ class LayerPruner:
                keep_cols: torch.Tensor, target: tuple[torch.Tensor, float] | None = None) -> dict[str, float]:
         """Set `module` (already sliced) to the re-fit of the dense consumer on `keep_cols`; with
         `target` (the residual target's sums from `_stats`) towards that target (`refit_to_target`)."""
-        if self.config.reconstruction == "none":  # slicing already done; no statistics for errors
+        if self.config.refit.method == "none":  # slicing already done; no statistics for errors
             return {}
         # the dense module may be the host layer itself (see prune): read in the run dtype, never modified
         w, b = get_weight(dense_module).detach().to(self.device, self.dtype), get_bias(dense_module)
         b = None if b is None else b.detach().to(self.device, self.dtype)
         # the statistics serve one re-fit: their Gram is freed inside it, before the factorisation
         if target is None:
-            new_w, new_b, errors = refit_consumer(w, b, stats, keep_cols, self.config.damp, release=True)
+            new_w, new_b, errors = refit_consumer(w, b, stats, keep_cols, self.config.refit.damp, release=True)
         else:
-            new_w, new_b, errors = refit_to_target(w, b, stats, target[0], target[1], keep_cols, self.config.damp,
-                                                   self.config.target_mix, release=True)
+            new_w, new_b, errors = refit_to_target(w, b, stats, target[0], target[1], keep_cols, self.config.refit.damp,
+                                                   self.config.refit.target_mix, release=True)
         set_weight(module, new_w, new_b)
         return errors
 
@@ -249,19 +249,18 @@ class LayerPruner:
         ad, cfg = self.adapter, self.config
         x = torch.cat(block_in).to(self.device)
         y = torch.cat(block_out).to(self.device)
-        prods = ad.mlp_producers(dense)
+        prods, admm = ad.mlp_producers(dense), cfg.refit.admm
         res = admm_mlp(x, y, [get_weight(m) for m in prods], [get_bias(m) for m in prods],
                        get_weight(ad.down_proj(dense)), get_bias(ad.down_proj(dense)), keep,
-                       act=ad.mlp_activation(), gated=ad.gated, iters=cfg.admm_iters, alpha=cfg.admm_alpha,
-                       beta=cfg.admm_beta, gamma=cfg.admm_gamma, damp=cfg.damp, chunk_tokens=cfg.chunk_tokens,
-                       sgd_steps=cfg.admm_sgd_steps)
+                       act=ad.mlp_activation(), gated=ad.gated, iters=admm.iters, alpha=admm.alpha, beta=admm.beta,
+                       gamma=admm.gamma, damp=cfg.refit.damp, chunk_tokens=cfg.chunk_tokens, sgd_steps=admm.sgd_steps)
         for m, w, b in zip(ad.mlp_producers(pruned), res.producers, res.producer_biases):
             set_weight(m, w, b)
         set_weight(ad.down_proj(pruned), res.consumer, res.consumer_bias)
         first, best = res.history[0], res.history[max(res.best_iter, 0)]
         if res.rejected:
             log.warning("ADMM rejected %d of %d steps (objective rose); kept iterate %d", res.rejected,
-                        cfg.admm_iters, res.best_iter)
+                        cfg.refit.admm.iters, res.best_iter)
         return {"admm_error_start": float(first["objective"]), "admm_error": float(best["objective"]),
                 "admm_best_iter": res.best_iter, "admm_rejected": res.rejected}
 
@@ -290,11 +289,11 @@ class LayerPruner:
         for p in w.pruned.parameters():  # gradients for the value projection only
             p.requires_grad_(False)
         value = ad.q_k_v(w.pruned)[2]
-        fit = alternate_attention(forward, targets, count, o_p, list(value.parameters()), cfg.admm_iters,
-                                  cfg.admm_attn_steps, cfg.damp, get_weight, get_bias, set_weight)
+        fit = alternate_attention(forward, targets, count, o_p, list(value.parameters()), cfg.refit.admm.iters,
+                                  cfg.refit.admm.attn_steps, cfg.refit.damp, get_weight, get_bias, set_weight)
         if fit.rejected:
             log.warning("attention ADMM rejected %d of %d iterations (error rose); kept iterate %d", fit.rejected,
-                        cfg.admm_iters, fit.best_iter)
+                        cfg.refit.admm.iters, fit.best_iter)
         return {"admm_error_start": fit.history[0], "admm_error": fit.history[fit.best_iter],
                 "admm_best_iter": fit.best_iter, "admm_rejected": fit.rejected}
 

@@ -61,7 +61,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     dtype = source.dtype
     gen = torch.Generator().manual_seed(config.seed)
     total_dense = source.total_params()
-    out, adapter, bias_fields = open_output(source, config.bias_compensation and config.reconstruction != "none")
+    out, adapter, bias_fields = open_output(source, config.refit.bias_compensation and config.refit.method != "none")
     check_reachable(config, adapter)  # an unreachable sparsity fails before any work
     layers = adapter.decoder_layers(out)
     prefix = layers_prefix(out)
@@ -99,7 +99,7 @@ def _allocation(config: PruneConfig, adapter: Adapter, out: nn.Module, dense_lay
                 stream: LayerStream, holdout: torch.Tensor | None, masks: PrunePlan | None,
                 resumed: dict[str, Any] | None, gen: torch.Generator, progress: bool) -> Allocation:
     """The kept fraction of every module: an interrupted run's exactly (and its generator state),
-    the uniform rule for replayed masks, else config.allocation's rule."""
+    the uniform rule for replayed masks, else config.allocation.rule."""
     if resumed is not None:  # the interrupted run's allocation, exactly
         gen.set_state(torch.tensor(resumed["rng"], dtype=torch.uint8))
         return Allocation({(int(i), k): float(v) for i, k, v in resumed["allocation"]["keep"]},
@@ -108,11 +108,11 @@ def _allocation(config: PruneConfig, adapter: Adapter, out: nn.Module, dense_lay
         n = adapter.num_layers
         if len(masks.layers) != n:
             raise ValueError(f"masks plan has {len(masks.layers)} layers, the model {n}")
-        allocation = allocate(config.replace(allocation="uniform", rho=1.0), adapter, out, dense_layer, stream,
-                              None, progress)
+        uniform = config.replace(allocation=config.allocation.replace(rule="uniform", rho=1.0))
+        allocation = allocate(uniform, adapter, out, dense_layer, stream, None, progress)
         allocation.info = {"rule": "replayed", "from": masks.allocation.get("rule")}
         return allocation
-    rule = sensitivity.allocate if config.allocation == "sensitivity" else allocate
+    rule = sensitivity.allocate if config.allocation.rule == "sensitivity" else allocate
     return rule(config, adapter, out, dense_layer, stream, holdout, progress)
 
 
@@ -121,7 +121,7 @@ def _check_output(config: PruneConfig, adapter: Adapter, allocation: Allocation,
     the residual target needs a family whose MLP adds straight to the residual stream."""
     adapter.check_shapes([lp.shape for lp in masks.layers] if masks is not None
                          else planned_shapes(adapter, allocation.keep, config.prune_mlp, config.round_to))
-    if config.target == "residual" and not adapter.mlp_adds_to_residual():
+    if config.refit.target == "residual" and not adapter.mlp_adds_to_residual():
         raise ValueError(f"target='residual' needs layers whose MLP output is added straight to the residual "
                          f"stream; {adapter.config.model_type} normalises it first. Use target='local'")
 
@@ -151,7 +151,7 @@ class LayerLoop:
         budget = Budget(self.allocation.keep, module_params(ad), carry_into_mlp=cfg.prune_mlp,
                          round_to=cfg.round_to)
         # the dense stream (targets) starts as the pruned one (inputs): layer 0 sees the same hidden states
-        xd: LayerStream | None = stream if cfg.target in ("dense", "residual") else None
+        xd: LayerStream | None = stream if cfg.refit.target in ("dense", "residual") else None
         xp = stream
         done = {} if self.resumed is None else {e["index"]: LayerPlan(**e) for e in self.resumed["layers"]}
         plans: list[LayerPlan] = []

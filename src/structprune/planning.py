@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from . import allocation as alloc
 from . import distributed
 from .allocation.budget import Key, keep_sets, module_params, prunable_keys, prunable_sparsity
 from .arch import Adapter, get_adapter
-from .config import LAYER_ALLOCATIONS, PruneConfig, temperature_value
+from .config import LAYER_ALLOCATIONS, PruneConfig
 from .importance import column_scores, unit_scores
 from .runtime.stream import LayerStream
 from .stats import GramAccumulator
@@ -164,14 +165,15 @@ def holdout_nll(model: nn.Module, adapter: Adapter, holdout: torch.Tensor, last:
 
 
 def needs_rho_search(config: PruneConfig) -> bool:
-    """Whether rho='auto' is searched (uniform and softmax-modular, with both kinds prunable)."""
-    return (config.allocation in ("uniform", "softmax-modular") and config.rho == "auto"
+    """Whether rho is searched (its value None; uniform and softmax-modular, with both kinds prunable)."""
+    return (config.allocation.rule in ("uniform", "softmax-modular") and config.allocation.rho is None
             and config.prune_attention and config.prune_mlp)
 
 
 def needs_holdout(config: PruneConfig) -> bool:
     """Whether the allocation searches a parameter on held-back calibration windows."""
-    if config.allocation == "sensitivity" or config.allocation.startswith("softmax") and config.temperature == "auto":
+    a = config.allocation
+    if a.rule == "sensitivity" or a.rule.startswith("softmax") and a.temperature is None:
         return True
     return needs_rho_search(config)
 
@@ -188,110 +190,154 @@ def capture_holdout(model: nn.Module, stream: LayerStream, holdout: torch.Tensor
     return LayerStream.capture(model, layers, holdout, stream.batch, stream.device, stream.dtype)
 
 
+@dataclass
+class Problem:
+    """What the allocation steps share: the prunable modules (`keys`, their parameter counts `p`
+    and kinds), the sparsity asked of them, the kept fractions `keep` of every module (1 where
+    not prunable) and the record `info` of how they were chosen."""
+
+    keys: list[Key]
+    p: list[int]
+    sparsity: float
+    keep: dict[Key, float]
+    info: dict[str, Any]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for _, k in self.keys]
+
+    def done(self, kept: list[float]) -> Allocation:
+        """The allocation with the prunable modules' kept fractions `kept`."""
+        self.keep.update(zip(self.keys, kept))
+        return Allocation(self.keep, self.info)
+
+
 def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer: DenseLayer, stream: LayerStream,
              holdout: torch.Tensor | None, progress: bool = True) -> Allocation:
-    """Kept fraction per module for config.allocation (see module docstring). `model`: the output
-    skeleton (embeddings and head; its decoder layers are not run), `stream`: the layer-0 inputs of
-    the calibration windows, `holdout`: held-back windows for the searches."""
-    if config.allocation not in LAYER_ALLOCATIONS:
-        raise ValueError(f"allocation={config.allocation!r} is not a layer-pipeline rule; "
-                         f"choose one of {LAYER_ALLOCATIONS}")
+    """Kept fraction per module for config.allocation.rule (see module docstring). `model`: the
+    output skeleton (embeddings and head; its decoder layers are not run), `stream`: the layer-0
+    inputs of the calibration windows, `holdout`: held-back windows for the searches."""
+    a = config.allocation
+    if a.rule not in LAYER_ALLOCATIONS:
+        raise ValueError(f"allocation={a.rule!r} is not a layer-pipeline rule; choose one of {LAYER_ALLOCATIONS}")
     params = module_params(adapter)
     keys = prunable_keys(config, adapter)
     sparsity = prunable_sparsity(config, adapter)
-    p = [params[k] for k in keys]
-    keep = {k: 1.0 for k in params}
-    info: dict[str, Any] = {"rule": config.allocation, "prunable_sparsity": sparsity}
-    kinds = [k for _, k in keys]
-    if config.allocation == "uniform" and (config.rho != "auto" or not needs_holdout(config)):
-        rho = 1.0 if config.rho == "auto" else float(config.rho)
-        keep.update(zip(keys, alloc.kind_split(p, kinds, sparsity, rho, config.max_layer_sparsity)))
-        info["rho"] = rho
-        return Allocation(keep, info)
+    prob = Problem(keys, [params[k] for k in keys], sparsity, {k: 1.0 for k in params},
+                   {"rule": a.rule, "prunable_sparsity": sparsity})
+    if a.rule == "uniform" and (a.rho is not None or not needs_holdout(config)):
+        rho = 1.0 if a.rho is None else a.rho
+        prob.info["rho"] = rho
+        return prob.done(alloc.kind_split(prob.p, prob.kinds, sparsity, rho, config.max_layer_sparsity))
 
-    closed = config.allocation == "closed-form"
+    closed = a.rule == "closed-form"
     # The uniform rule's rho search uses the scores only to mask units in its proxy: a prefix of
     # the calibration stream (RHO_SEARCH_TOKENS) ranks them well enough and keeps the search cheap
     # on large calibration sets. The adaptive rules compare layers by them: the whole stream.
-    scored = stream.prefix(RHO_SEARCH_TOKENS) if config.allocation == "uniform" else stream
+    scored = stream.prefix(RHO_SEARCH_TOKENS) if a.rule == "uniform" else stream
     scores = importance_pass(dense_layer, adapter, scored, config, closed, progress)
-    max_s = config.max_layer_sparsity
     if closed:
         unit = [scores[i].heads_cf if k == "attn" else scores[i].neurons_cf for i, k in keys]
-        kept = alloc.closed_form(unit, p, sparsity, max_sparsity=max_s)
-        info["mean_s"] = {f"{i}.{k}": float(u.clamp(0, 1).mean()) for (i, k), u in zip(keys, unit)}
-        keep.update(zip(keys, kept))
-        return Allocation(keep, info)
+        prob.info["mean_s"] = {f"{i}.{k}": float(u.clamp(0, 1).mean()) for (i, k), u in zip(keys, unit)}
+        return prob.done(alloc.closed_form(unit, prob.p, sparsity, max_sparsity=config.max_layer_sparsity))
 
     hold = stream.empty()
     if needs_holdout(config):  # layer-0 inputs of the held-back windows, shared by the rho and T searches
         if holdout is None:
             raise ValueError("rho='auto' and temperature='auto' need held-back calibration windows")
         hold = capture_holdout(model, stream, holdout)
-    rho_auto = needs_rho_search(config)
-    if rho_auto:  # choose the attention/MLP split on held-back data, equal ratios over depth
-        table = []
-        for rho in RHO_CANDIDATES:
-            try:
-                kept = alloc.kind_split(p, kinds, sparsity, rho, config.max_layer_sparsity)
-            except ValueError:
-                continue
-            k = dict(keep)
-            k.update(zip(keys, kept))
-            loss = masked_loss(model, dense_layer, adapter, holdout, hold, scores, k)
-            log.info("rho %.2f: held-back calibration loss %.4f", rho, loss)
-            table.append((loss, rho, kept))
-        if not table:
-            raise ValueError(f"no attention/MLP split in {RHO_CANDIDATES} reaches sparsity={config.sparsity} within "
-                             f"max_layer_sparsity={config.max_layer_sparsity}; lower the sparsity or raise "
-                             "max_layer_sparsity")
-        loss, rho_chosen, kept = min(table)
-        info.update({"rho": rho_chosen, "rho_source": "auto", "rho_search": [[r, v] for v, r, _ in table]})
-        if config.allocation == "uniform":
-            keep.update(zip(keys, kept))
-            return Allocation(keep, info)
-    rho_modular = info["rho"] if rho_auto else (1.0 if config.rho == "auto" else float(config.rho))
+    loss = functools.partial(masked_loss, model, dense_layer, adapter, holdout, hold, scores)
+    rho = 1.0 if a.rho is None else a.rho
+    if needs_rho_search(config):  # choose the attention/MLP split on held-back data, equal ratios over depth
+        rho, kept = search_rho(config, prob, loss)
+        if a.rule == "uniform":
+            return prob.done(kept)
+    return prob.done(softmax_rule(config, prob, scores, rho, loss, progress))
 
-    unit = [scores[i].heads if k == "attn" else scores[i].neurons for i, k in keys]
-    if config.layer_importance == "relative":  # a layer's output relative to the stream it is added to
-        unit = [u / max(scores[i].stream_rms, 1e-12) for u, (i, _) in zip(unit, keys)]
-    elif config.layer_importance == "robust":  # the same, relative to the typical token's stream
-        unit = [u / max(scores[i].stream_median, 1e-12) for u, (i, _) in zip(unit, keys)]
-    info["layer_importance"] = config.layer_importance
-    importance = alloc.normalise_importance(unit, p)
-    info["importance"] = {f"{i}.{k}": v for (i, k), v in zip(keys, importance)}
+
+def search_rho(config: PruneConfig, prob: Problem, loss: Callable[[dict[Key, float]], float]
+               ) -> tuple[float, list[float]]:
+    """rho among RHO_CANDIDATES with the least held-back `loss` of the uniform split (equal
+    ratios over depth); returns (rho, its kept fractions) and records the search in prob.info."""
+    table = []
+    for rho in RHO_CANDIDATES:
+        try:
+            kept = alloc.kind_split(prob.p, prob.kinds, prob.sparsity, rho, config.max_layer_sparsity)
+        except ValueError:
+            continue
+        k = dict(prob.keep)
+        k.update(zip(prob.keys, kept))
+        value = loss(k)
+        log.info("rho %.2f: held-back calibration loss %.4f", rho, value)
+        table.append((value, rho, kept))
+    if not table:
+        raise ValueError(f"no attention/MLP split in {RHO_CANDIDATES} reaches sparsity={config.sparsity} within "
+                         f"max_layer_sparsity={config.max_layer_sparsity}; lower the sparsity or raise "
+                         "max_layer_sparsity")
+    _, rho_chosen, kept = min(table)
+    prob.info.update({"rho": rho_chosen, "rho_source": "auto", "rho_search": [[r, v] for v, r, _ in table]})
+    return rho_chosen, kept
+
+
+def layer_importance(config: PruneConfig, prob: Problem, scores: list[LayerScores]) -> list[float]:
+    """Per-module importance for the softmax rules (config.allocation.layer_importance),
+    normalised by `alloc.normalise_importance`; recorded in prob.info."""
+    how = config.allocation.layer_importance
+    unit = [scores[i].heads if k == "attn" else scores[i].neurons for i, k in prob.keys]
+    if how == "relative":  # a layer's output relative to the stream it is added to
+        unit = [u / max(scores[i].stream_rms, 1e-12) for u, (i, _) in zip(unit, prob.keys)]
+    elif how == "robust":  # the same, relative to the typical token's stream
+        unit = [u / max(scores[i].stream_median, 1e-12) for u, (i, _) in zip(unit, prob.keys)]
+    prob.info["layer_importance"] = how
+    importance = alloc.normalise_importance(unit, prob.p)
+    prob.info["importance"] = {f"{i}.{k}": v for (i, k), v in zip(prob.keys, importance)}
+    return importance
+
+
+def softmax_rule(config: PruneConfig, prob: Problem, scores: list[LayerScores], rho: float,
+                 loss: Callable[[dict[Key, float]], float], progress: bool) -> list[float]:
+    """Kept fractions of the softmax rules at the given or searched temperature."""
+    a, max_s = config.allocation, config.max_layer_sparsity
+    importance = layer_importance(config, prob, scores)
     scale = alloc.score_scale(importance)
 
     def rule(t: float) -> list[float]:
-        if config.allocation == "softmax":
-            return alloc.softmax_energy(importance, p, sparsity, t, max_sparsity=max_s)
-        return alloc.softmax_modular(importance, p, kinds, [i for i, _ in keys], sparsity, t,
-                                     rho=max(rho_modular, 1e-6), gamma=config.gamma, max_sparsity=max_s)
+        if a.rule == "softmax":
+            return alloc.softmax_energy(importance, prob.p, prob.sparsity, t, max_sparsity=max_s)
+        return alloc.softmax_modular(importance, prob.p, prob.kinds, [i for i, _ in prob.keys], prob.sparsity, t,
+                                     rho=max(rho, 1e-6), gamma=a.gamma, max_sparsity=max_s)
 
-    if config.temperature != "auto":
-        t, relative = temperature_value(config.temperature)
-        if relative:
+    if a.temperature is not None:
+        t = a.temperature
+        if a.temperature_relative:
             t *= scale
-        info.update({"temperature": t, "temperature_source": "given", "score_scale": scale})
+        prob.info.update({"temperature": t, "temperature_source": "given", "score_scale": scale})
     else:
-        bar = tqdm(desc="temperature search", disable=not progress, unit="T")
+        t = search_temperature(prob, rule, scale, loss, progress)
+    return rule(t)
 
-        def proxy(t: float) -> float:
-            k = dict(keep)
-            k.update(zip(keys, rule(t)))
-            loss = masked_loss(model, dense_layer, adapter, holdout, hold, scores, k)
-            bar.update(1)
-            log.debug("temperature %.4g (%.3g x scale): held-back calibration loss %.4f", t, t / scale, loss)
-            return loss
 
-        t, table = alloc.search_temperature(proxy, scale, mode="auto")
-        uniform_loss = proxy(math.inf)
-        bar.close()
-        if uniform_loss <= min(v for _, v in table):
-            log.info("uniform allocation beats every temperature on the held-back proxy; using T = inf")
-            t = math.inf
-        info.update({"temperature": t, "temperature_source": "auto", "score_scale": scale,
-                     "search": [[tt, v] for tt, v in table], "proxy_uniform": uniform_loss,
-                     "proxy": "held-back calibration NLL, units masked by dense scores"})
-    keep.update(zip(keys, rule(t)))
-    return Allocation(keep, info)
+def search_temperature(prob: Problem, rule: Callable[[float], list[float]], scale: float,
+                       loss: Callable[[dict[Key, float]], float], progress: bool) -> float:
+    """The temperature with the least held-back `loss` (`alloc.search_temperature`), or inf
+    (uniform) where that beats every one; records the search in prob.info."""
+    bar = tqdm(desc="temperature search", disable=not progress, unit="T")
+
+    def proxy(t: float) -> float:
+        k = dict(prob.keep)
+        k.update(zip(prob.keys, rule(t)))
+        value = loss(k)
+        bar.update(1)
+        log.debug("temperature %.4g (%.3g x scale): held-back calibration loss %.4f", t, t / scale, value)
+        return value
+
+    t, table = alloc.search_temperature(proxy, scale, mode="auto")
+    uniform_loss = proxy(math.inf)
+    bar.close()
+    if uniform_loss <= min(v for _, v in table):
+        log.info("uniform allocation beats every temperature on the held-back proxy; using T = inf")
+        t = math.inf
+    prob.info.update({"temperature": t, "temperature_source": "auto", "score_scale": scale,
+                      "search": [[tt, v] for tt, v in table], "proxy_uniform": uniform_loss,
+                      "proxy": "held-back calibration NLL, units masked by dense scores"})
+    return t

@@ -90,8 +90,8 @@ def check_reachable(config: PruneConfig, adapter: Adapter) -> None:
     if config.method != "structprune":  # the whole-model rankings (methods global, flap)
         config = config.replace(max_layer_sparsity=1.0)
     modules = config_modules(config)
-    mlp_only_rho = (config.allocation == "uniform" and modules == "both" and config.rho != "auto"
-                    and float(config.rho) == 0.0)  # the uniform rule with rho=0 keeps every head
+    mlp_only_rho = (config.allocation.rule == "uniform" and modules == "both"
+                    and config.allocation.rho == 0.0)  # the uniform rule with rho=0 keeps every head
     if mlp_only_rho:
         modules = "mlp"
     top = max_sparsity(adapter, modules, config.max_layer_sparsity)

@@ -63,10 +63,10 @@ def cell_key(method: str, tag: str, sparsity: float) -> str:
 
 def parse_field(name: str, text: str) -> Any:
     """A FIELD=VALUE override typed like the PruneConfig default ("false" is False for booleans)."""
-    defaults = PruneConfig()
-    if not hasattr(defaults, name):
+    defaults = PruneConfig().to_flat()
+    if name not in defaults:
         raise ValueError(f"--set {name}: not a PruneConfig field")
-    default = getattr(defaults, name)
+    default = defaults[name]
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"--set {name}={text}: expected true or false")

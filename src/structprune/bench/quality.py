@@ -35,7 +35,7 @@ def _open_run(settings: BenchSettings, out: Path) -> dict[str, Any]:
     """Check the settings (before loading anything) and read the run `out` continues."""
     check_disjoint(settings)
     for name, value in settings.overrides.items():  # fail before loading anything
-        PruneConfig(**{name: value})
+        PruneConfig.from_flat(**{name: value})
     out.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(out)
     old = results.get("settings") or settings_from_protocol(results.get("protocol"))
@@ -169,7 +169,8 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
     device = resolve_device(settings.device)
     model, tok = load_model(settings.model)
     # the reference forward's windows: those of a cell that searches nothing on held-back data
-    calib_cfg = PruneConfig(nsamples=settings.nsamples, seqlen=settings.seqlen, calib=settings.calib, rho=1.0)
+    calib_cfg = PruneConfig.from_flat(nsamples=settings.nsamples, seqlen=settings.seqlen, calib=settings.calib,
+                                      rho=1.0)
     calib = calibration_data(tok, calib_cfg)
     evals = {t: eval_windows(tokenize(tok, load_text(t, split="eval")), settings.seqlen, settings.windows)
              for t in settings.texts}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from ..config import PruneConfig
 from ..plan import PrunePlan
 
 ALLOCATION_PNG = "allocation.png"
@@ -28,7 +29,7 @@ def allocation_png(plan: PrunePlan, title: str | None = None) -> bytes:
     ax.set_ylabel("kept fraction")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
-    rule = plan.layers[0].rule if plan.layers else plan.config.get("allocation", "")
+    rule = plan.layers[0].rule if plan.layers else PruneConfig.from_dict(plan.config).allocation.rule
     ax.set_title(title or f"{plan.model_type}: actual sparsity {plan.actual_sparsity:.3f}, {rule}", fontsize=9)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()

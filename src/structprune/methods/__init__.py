@@ -26,7 +26,7 @@ from ..config import PruneConfig
 
 Run = Callable[..., tuple[Any, Any]]
 
-PRESETS: dict[str, dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {  # flat option names (PruneConfig.from_flat)
     # STRUPRUNE: calibration-aware scores, allocation, least-squares (or ADMM) reconstruction.
     "structprune": {"scorer": "wanda"},
     # Baselines (uniform allocation, no reconstruction, FFN neurons only as in the published
@@ -95,8 +95,9 @@ def get_method(name: str) -> Method:
 
 
 def method_config(name: str, **overrides: Any) -> PruneConfig:
-    """The PruneConfig of a named preset; `overrides` (not None) take precedence."""
+    """The PruneConfig of a named preset; `overrides` (flat option names, `PruneConfig.from_flat`;
+    not None) take precedence."""
     if name not in PRESETS:
         raise ValueError(f"method={name!r} is unknown; choose one of {sorted(PRESETS)}")
     fields = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return PruneConfig(**fields)
+    return PruneConfig.from_flat(**fields)

@@ -5,7 +5,7 @@ Three parts, as in the paper and its reference code (CASIA-IVA-Lab/FLAP, `prune_
    for a consumer projection W [out, n] (o_proj for heads, down_proj for neurons) and its input
    x over all calibration tokens, column c scores Var(x_c) * ||W[:, c]||^2 (`config.scorer`,
    "flap" by default). The reference code squares the attention column scores once more
-   (`config.flap_square_attention`, default True); the paper's formula does not. On SmolLM2-135M
+   (`config.flap.square_attention`, default True); the paper's formula does not. On SmolLM2-135M
    the squared form matches the published figures at 20% and 30%, the paper's form at 50%.
 2. Adaptive structure search: column scores are standardised (zero mean, unit std) per
    layer and module kind ("layer", the reference code) or per module kind over all layers
@@ -15,7 +15,7 @@ Three parts, as in the paper and its reference code (CASIA-IVA-Lab/FLAP, `prune_
    512/3 weight is LLaMA's head/neuron cost ratio). Grouped-query attention: a layer's
    attention keeps the parameter share the ranking left it under `selection.select_heads`
    (whole KV groups; equal query heads per kept group), as the `global` baseline does.
-3. Bias compensation (`config.bias_compensation`): the consumer's bias gains
+3. Bias compensation (`config.refit.bias_compensation`): the consumer's bias gains
    W[:, removed] @ mean(x[removed]), the mean output the removed units used to contribute.
    Families without consumer biases get them through their config switches (llama:
    attention_bias and mlp_bias); where the family cannot express one (e.g. qwen2's o_proj,
@@ -115,7 +115,7 @@ def fluctuation_pass(adapter: Adapter, source: LayerSource, stream: LayerStream,
                                                        progress=progress):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         attn = column_scores(config.scorer, get_weight(o), acc_o, gen)
-        out.append(LayerFluctuation(attn=attn * attn if config.flap_square_attention else attn,
+        out.append(LayerFluctuation(attn=attn * attn if config.flap.square_attention else attn,
                                     mlp=column_scores(config.scorer, get_weight(down), acc_d, gen),
                                     attn_mean=acc_o.input_mean.float().cpu(),
                                     mlp_mean=acc_d.input_mean.float().cpu()))
@@ -176,7 +176,7 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     """Prune `model` (left untouched; an in-memory model or a LayerSource) with FLAP on
     calibration `windows` [nsamples, seqlen] to `config.sparsity` ACTUAL decoder sparsity.
 
-    Uses config.scorer (column metric), flap_standardise, flap_square_attention, bias_compensation,
+    Uses config.scorer (column metric), config.flap, config.refit.bias_compensation,
     prune_attention / prune_mlp, batch_size, device. Host memory: the output model plus one
     dense layer and the calibration hidden states; `sink` (an `io.ShardWriter`) receives each
     pruned layer as it is finished, as in the layer pipeline."""
@@ -186,7 +186,7 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
     device = resolve_device(config.device)
     dtype = source.dtype
     total_dense = source.total_params()
-    out, adapter, fields = open_output(source, config.bias_compensation)
+    out, adapter, fields = open_output(source, config.refit.bias_compensation)
     layers = adapter.decoder_layers(out)
     prefix = layers_prefix(out)
     shape = adapter.dense_shape()
@@ -200,14 +200,15 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
         stats = fluctuation_pass(adapter, source, stream, config, progress)
     del stream
     t_scores = time.perf_counter() - t0
-    heads, neurons = unit_scores([s.attn for s in stats], [s.mlp for s in stats], hd, config.flap_standardise)
+    heads, neurons = unit_scores([s.attn for s in stats], [s.mlp for s in stats], hd, config.flap.standardise)
     selections, info = global_selection(heads, neurons, adapter, config.sparsity, config.prune_attention,
                                         config.prune_mlp, per_parameter=False)
 
     plans: list[LayerPlan] = []
     warned: set[str] = set()
     for i, sel in enumerate(selections):
-        layer, recon = _prune_layer(adapter, source.layer(i), sel, stats[i], fields, config.bias_compensation, warned)
+        layer, recon = _prune_layer(adapter, source.layer(i), sel, stats[i], fields, config.refit.bias_compensation,
+                                    warned)
         layers[i] = layer.eval()
         if sink is not None:
             sink.write_layer(i, prefix, layer)
@@ -220,7 +221,7 @@ def prune_flap(model: nn.Module | LayerSource, windows: torch.Tensor, config: Pr
             attn_keep_target=sel.attn_keep, mlp_keep_target=sel.mlp_keep, rule=RULE, recon=recon))
         log.info("layer %d: heads %d/%d kv %d/%d neurons %d/%d", i, sel.keep_q.numel(), shape.num_heads,
                  sel.keep_kv.numel(), shape.num_kv_heads, sel.keep_n.numel(), shape.intermediate_size)
-    info = {"rule": RULE, "standardise": config.flap_standardise, "bias_fields": sorted(fields), **info}
+    info = {"rule": RULE, "standardise": config.flap.standardise, "bias_fields": sorted(fields), **info}
     return finish(source.config, out, adapter, config, plans, dense_params, total_dense, info,
                   {"score_seconds": t_scores, "prune_seconds": time.perf_counter() - t0})
 

@@ -19,7 +19,7 @@ Streamed, O(one layer) device memory:
 Cost: len(fractions) x kinds x L(L+1)/2 held-back layer forwards plus one logits pass per candidate.
 On SmolLM2-135M (FFN only, 8 held-back windows, 64 calibration windows) the whole prune takes 15-18x
 one dense calibration forward, against 4-6x with the softmax rule.
-config.sensitivity="linear" keeps the candidates and replaces step 3 by a second-order estimate from
+config.allocation.sensitivity="linear" keeps the candidates and replaces step 3 by a second-order estimate from
 one streamed backward pass, linear in depth (sensitivity/linear.py, docs/sensitivity.md).
 """
 
@@ -56,7 +56,7 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_laye
     removed = fractions(sparsity, config.max_layer_sparsity)
     hold = capture_holdout(model, stream, holdout)  # may be an empty shard
     extra: dict[str, Any] = {}
-    if config.sensitivity == "linear":  # second-order estimate, L-linear cost (linear.py)
+    if config.allocation.sensitivity == "linear":  # second-order estimate, L-linear cost (linear.py)
         curves, base, extra = linear.measure(config, adapter, model, dense_layer, stream, hold, holdout, keys,
                                              removed, progress)
     else:
@@ -70,7 +70,7 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_laye
         "rule": "sensitivity", "prunable_sparsity": sparsity, "holdout_nll_dense": base,
         "curves": {f"{i}.{k}": [[r, d] for r, d in c] for (i, k), c in curves.items()},
         "proxy": "held-back calibration NLL increase, one module pruned and re-fitted at a time"}
-    if config.sensitivity == "linear":
+    if config.allocation.sensitivity == "linear":
         info.update(extra, sensitivity="linear", proxy="second-order estimate of that increase from the candidate's "
                     "output change and the dense held-back gradient (empirical Fisher, per token)")
     log.info("sensitivity allocation: dense held-back NLL %.4f; kept %s", base,

@@ -67,6 +67,6 @@ def _candidates(config: PruneConfig, adapter: Adapter, layer: nn.Module, kinds: 
         for kind in kinds:
             for r in removed:
                 yield kind, r, candidate(adapter, layer, kind, scores, r, acc_o if kind == "attn" else acc_d,
-                                         config.damp, refit=config.reconstruction != "none")
+                                         config.refit.damp, refit=config.refit.method != "none")
     acc_o.release()
     acc_d.release()
