@@ -62,6 +62,21 @@ def test_harness_resumes_without_recomputing(tiny_run, capsys):
     assert (out.parent / "q_layers.png").read_bytes()[:4] == b"\x89PNG"  # flap chooses per-layer shapes
 
 
+def test_harness_scores_the_validation_windows_of_the_calibration_text(tiny_run):
+    """`--texts validation`: the calibration text's validation windows (8 x seqlen, disjoint from every
+    calibration draw) are scored like an evaluation text and labelled as such in the protocol."""
+    out = tiny_run / "val.json"
+    argv = _argv(tiny_run, out, "--methods", "random", "--sparsities", "0.2")
+    argv[argv.index("--texts") + 1: argv.index("--texts") + 3] = ["validation", str(tiny_run / "a.txt")]
+    assert main(argv) == 0
+    res = load_results(out)
+    dense = res["dense"]["perplexity_by_text"]
+    assert set(dense) == {"validation", str(tiny_run / "a.txt")} and dense["validation"] != dense[str(tiny_run / "a.txt")]
+    assert "validation windows" in res["protocol"]["eval_texts"]["validation"]
+    cell = next(iter(res["cells"].values()))
+    assert cell["perplexity_by_text"]["validation"] > 0
+
+
 def test_harness_keeps_a_precomputed_partial_file(tiny_run):
     out = tiny_run / "partial.json"
     run_quality(BenchSettings(model=str(tiny_run / "tiny"), methods=("random",), sparsities=(0.3,), nsamples=4,

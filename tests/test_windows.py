@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_WORDS
 
 from structprune.api import calibration_data
-from structprune.data import held_back_count, split_windows
+from structprune.data import held_back_count, split_windows, validation_windows
 from structprune.methods import PRESETS, method_config
 from structprune.plan import PrunePlan
 from structprune.planning import needs_holdout
@@ -27,6 +27,28 @@ def test_held_back_windows_never_share_a_token_with_calibration_windows():
             assert all(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 40)) for w in calib)  # contiguous text
             if held is not None:
                 assert not set(calib.flatten().tolist()) & set(held.flatten().tolist())
+
+
+def test_validation_windows_share_no_token_with_any_calibration_draw_and_ignore_nsamples():
+    """Token ids equal to their positions: the validation windows (the permutation's last slots) are
+    the same for every nsamples and never meet a calibration or held-back window of the same seed."""
+    ids = torch.arange(100 * 40 + 17)
+    val = validation_windows(ids, 40, seed=5, nsamples=92)
+    assert val.shape == (8, 40)
+    assert all(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 40)) for w in val)  # contiguous text
+    for nsamples in range(1, 93):
+        assert torch.equal(validation_windows(ids, 40, seed=5, nsamples=nsamples), val)
+        calib, held = split_windows(ids, nsamples, 40, seed=5, n_holdout=held_back_count(nsamples, True))
+        used = set(calib.flatten().tolist()) | (set() if held is None else set(held.flatten().tolist()))
+        assert not used & set(val.flatten().tolist()), nsamples
+    assert not torch.equal(validation_windows(ids, 40, seed=6, nsamples=8), val)  # seeded
+
+
+def test_validation_windows_refuse_a_text_too_short_for_both():
+    ids = torch.arange(100 * 40)
+    validation_windows(ids, 40, seed=0, nsamples=92)
+    with pytest.raises(ValueError, match=r"too short for 93 calibration and 8 validation windows"):
+        validation_windows(ids, 40, seed=0, nsamples=93)
 
 
 def test_held_back_count_comes_from_the_budget():

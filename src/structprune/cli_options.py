@@ -171,7 +171,8 @@ def add_quality_options(p: argparse.ArgumentParser, out: str = "benchmarks/resul
         p.add_argument(f"--{name}", type=int, default=None, help=f"{what} (default {FULL[name]}; quick {QUICK[name]})")
     p.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (its calibration split)")
     p.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS),
-                   help="evaluation texts (their eval splits): wiki, pydoc (Debian python3.11-doc) or files")
+                   help="evaluation texts (their eval splits): wiki, pydoc (Debian python3.11-doc) or files; "
+                        "'validation': the calibration text's validation windows (choosing defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="extra PruneConfig fields for every cell, e.g. target=local")
     p.add_argument("--tag", default="", help="suffix for the method name in the table")

@@ -224,30 +224,60 @@ def held_back_count(nsamples: int, needs_holdout: bool) -> int:
     return max(n, 1) if needs_holdout and nsamples >= 2 else n
 
 
+VALIDATION_WINDOWS = 8  # PROTOCOL.md: 8 validation windows of the calibration split choose every default
+VALIDATION = "validation"  # the name of that text in the quality harness (`--texts validation`)
+
+
+def _slots(ids: torch.Tensor, seqlen: int, seed: int) -> tuple[int, torch.Tensor]:
+    """The seeded cut of `ids` into non-overlapping windows: (shift, permutation of the slot indices)."""
+    total = ids.numel()
+    slots = total // seqlen
+    gen = torch.Generator().manual_seed(seed)
+    shift = int(torch.randint(0, total - slots * seqlen + 1, (1,), generator=gen))
+    return shift, torch.randperm(slots, generator=gen)
+
+
+def _take(ids: torch.Tensor, seqlen: int, shift: int, slots: list[int]) -> torch.Tensor:
+    return torch.stack([ids[shift + s * seqlen: shift + (s + 1) * seqlen] for s in slots])
+
+
 def split_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, n_holdout: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Calibration and held-back windows, disjoint by construction, from one seeded draw.
 
     The token stream is cut into `ids.numel() // seqlen` non-overlapping slots of `seqlen`
     tokens, after a seeded shift in [0, ids.numel() mod seqlen]; a seeded permutation picks
-    `nsamples` distinct slots. The first `nsamples - n_holdout` are the calibration windows
+    `nsamples` distinct slots (its first ones). The first `nsamples - n_holdout` are the calibration windows
     [nsamples - n_holdout, seqlen], the last `n_holdout` the held-back ones [n_holdout, seqlen]
     (None when 0). No token position is in two windows, so the held-back windows never
     overlap the calibration ones, and every method that holds back the same count
-    calibrates on exactly the same windows.
+    calibrates on exactly the same windows. `validation_windows` takes the permutation's last slots.
     """
     if not 0 <= n_holdout < nsamples:
         raise ValueError(f"n_holdout={n_holdout} is invalid: hold back fewer than the {nsamples} windows drawn")
     total = ids.numel()
-    slots = total // seqlen
-    if slots < nsamples:
+    if total // seqlen < nsamples:
         raise ValueError(
             f"calibration text has {total} tokens, too short for {nsamples} windows of {seqlen} tokens "
             f"(needs at least {nsamples * seqlen}: windows never share a token, held-back ones included); "
             "use a longer text or lower --nsamples/--seqlen")
-    gen = torch.Generator().manual_seed(seed)
-    shift = int(torch.randint(0, total - slots * seqlen + 1, (1,), generator=gen))
-    picked = torch.randperm(slots, generator=gen)[:nsamples]
-    windows = torch.stack([ids[shift + s * seqlen: shift + (s + 1) * seqlen] for s in picked.tolist()])
+    shift, perm = _slots(ids, seqlen, seed)
+    windows = _take(ids, seqlen, shift, perm[:nsamples].tolist())
     n_calib = nsamples - n_holdout
     return windows[:n_calib], (windows[n_calib:] if n_holdout else None)
+
+
+def validation_windows(ids: torch.Tensor, seqlen: int, seed: int, nsamples: int,
+                       count: int = VALIDATION_WINDOWS) -> torch.Tensor:
+    """The validation windows of a calibration text [count, seqlen] (PROTOCOL.md): the LAST `count`
+    slots of the permutation `split_windows` draws its `nsamples` calibration and held-back windows
+    from (its first slots), so they share no token with any of them, and they are the same windows
+    whatever `nsamples` is. Defaults are chosen on the loss of these windows, never on an eval split."""
+    slots = ids.numel() // seqlen
+    if count < 1 or slots < nsamples + count:
+        raise ValueError(
+            f"calibration text has {ids.numel()} tokens ({slots} windows of {seqlen}), too short for {nsamples} "
+            f"calibration and {count} validation windows that share no token; use a longer text or lower "
+            "--nsamples/--seqlen")
+    shift, perm = _slots(ids, seqlen, seed)
+    return _take(ids, seqlen, shift, perm[slots - count:].tolist())

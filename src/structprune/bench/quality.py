@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..config import PruneConfig
-from ..data import eval_windows, load_text, tokenize
+from ..data import VALIDATION, VALIDATION_WINDOWS, eval_windows, load_text, tokenize, validation_windows
 from .measure import dense_forward_seconds, module_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .protocol import BenchSettings, cell_key, check_disjoint, settings_from_protocol
 from .results import load_results, write_atomic
@@ -51,9 +51,25 @@ def _record_protocol(results: dict[str, Any], settings: BenchSettings, seed: int
         "model": settings.model,
         "calib": f"{settings.calib} calib split, {settings.nsamples} x {settings.seqlen}, seed {seed}",
         "eval": f"wiki eval split, first {settings.windows} x {settings.seqlen}, float32",
-        "eval_texts": {t: f"{t} eval split, first {settings.windows} x {settings.seqlen}, float32"
-                       for t in settings.texts},
+        "eval_texts": {t: _text_label(t, settings, seed) for t in settings.texts},
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": str(device)}
+
+
+def _text_windows(text: str, tok: Any, settings: BenchSettings, seed: int) -> torch.Tensor:
+    """The windows a text is scored on: the first `windows` of its eval split, or for "validation"
+    the validation windows of the calibration text (data.validation_windows: disjoint from every
+    cell's calibration and held-back windows)."""
+    if text == VALIDATION:
+        ids = tokenize(tok, load_text(settings.calib, split="calib"))
+        return validation_windows(ids, settings.seqlen, seed, settings.nsamples)
+    return eval_windows(tokenize(tok, load_text(text, split="eval")), settings.seqlen, settings.windows)
+
+
+def _text_label(text: str, settings: BenchSettings, seed: int) -> str:
+    if text == VALIDATION:
+        return (f"{settings.calib} calib split, {VALIDATION_WINDOWS} x {settings.seqlen} validation windows "
+                f"(seed {seed}), disjoint from the calibration windows, float32")
+    return f"{text} eval split, first {settings.windows} x {settings.seqlen}, float32"
 
 
 def _record_dense(results: dict[str, Any], model: torch.nn.Module, evals: dict[str, torch.Tensor],
@@ -172,8 +188,7 @@ def run_quality(settings: BenchSettings, out: Path, echo: Callable[[str], None] 
     calib_cfg = PruneConfig.from_flat(nsamples=settings.nsamples, seqlen=settings.seqlen, calib=settings.calib,
                                       rho=1.0)
     calib = calibration_data(tok, calib_cfg)
-    evals = {t: eval_windows(tokenize(tok, load_text(t, split="eval")), settings.seqlen, settings.windows)
-             for t in settings.texts}
+    evals = {t: _text_windows(t, tok, settings, calib_cfg.seed) for t in settings.texts}
     _record_protocol(results, settings, calib_cfg.seed, device)
     _record_dense(results, model, evals, device, echo)
     write_atomic(out, results)
