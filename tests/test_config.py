@@ -32,11 +32,11 @@ EXAMPLES = [
                      gamma=0.2, layer_importance="raw"),
     AllocationConfig(rule="softmax-modular", temperature=math.inf),
     FlapConfig(standardise="kind", square_attention=False),
-    PruneConfig.from_flat(sparsity=0.5, nsamples=16, seqlen=128, seed=3, batch_size=2, chunk_tokens=512, calib="c4",
+    PruneConfig(sparsity=0.5, nsamples=16, seqlen=128, seed=3, batch_size=2, chunk_tokens=512, calib="c4",
                 device="cpu", dtype="bfloat16", prune_attention=False, max_layer_sparsity=0.8, round_to=8,
                 scorer="magnitude", selection="obs", allocation=AllocationConfig(rule="softmax", rho=0.0),
                 refit=RefitConfig(method="admm", damp=0.05, admm=AdmmConfig(iters=3))),
-    PruneConfig.from_flat(allocation=AllocationConfig(rule="flap"), refit=RefitConfig(method="none"),
+    PruneConfig(allocation=AllocationConfig(rule="flap"), refit=RefitConfig(method="none"),
                 flap=FlapConfig(standardise="kind")),
 ]
 
@@ -156,8 +156,8 @@ def test_parse_rho():
     (lambda: AllocationConfig(temperature="0.1x"), "temperature"),
     (lambda: AllocationConfig(temperature_relative=True), "temperature_relative"),
     (lambda: FlapConfig(standardise="model"), "flap_standardise"),
-    (lambda: PruneConfig.from_flat(sparsity=0.99), "sparsity"),
-    (lambda: PruneConfig.from_flat(prune_attention=False, prune_mlp=False), "prune_attention/prune_mlp"),
+    (lambda: PruneConfig(sparsity=0.99), "sparsity"),
+    (lambda: PruneConfig(prune_attention=False, prune_mlp=False), "prune_attention/prune_mlp"),
     # the rules that join sections
     (lambda: PruneConfig.from_flat(selection="obs", reconstruction="none"), "reconstruction"),
     (lambda: PruneConfig.from_flat(allocation="flap"), "reconstruction"),
@@ -171,6 +171,6 @@ def test_invalid_values_name_the_field(make, field):
 
 def test_nested_replace_and_with_flat_agree():
     cfg = PruneConfig.from_flat(allocation="softmax")
-    nested = cfg.with_flat(allocation=cfg.allocation.with_flat(rho=1.0, temperature=0.5))
+    nested = cfg.replace(allocation=cfg.allocation.replace(rho=1.0, temperature=0.5))
     assert nested == cfg.with_flat(rho=1.0, temperature="0.5")
     assert cfg.with_flat(rho=1.0).allocation.rule == "softmax"  # the other options kept
