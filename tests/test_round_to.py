@@ -63,7 +63,7 @@ def test_round_to_validation_and_cli():
 
 def test_resumed_run_carries_the_rounding_of_finished_layers(tmp_path):
     """An interrupted --round-to run resumes to the same shapes: the replayed layers' rounding is carried."""
-    from test_io import _interrupting, _Interrupted
+    from test_io_checkpoint import _interrupting, _Interrupted
 
     from structprune.io import ShardWriter
 
