@@ -32,7 +32,7 @@ def test_assembly_concatenates_in_order_and_reuses_the_file(tmp_path, monkeypatc
     def fail(*a, **k):
         raise AssertionError("a second call must reuse the assembled file")
 
-    monkeypatch.setattr(builtin.tempfile, "mkstemp", fail)
+    monkeypatch.setattr(builtin.uuid, "uuid4", fail)
     mtime = target.stat().st_mtime_ns
     assert assemble_chunks(parts, sha, target) == target
     assert target.stat().st_mtime_ns == mtime

@@ -15,7 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,11 +119,11 @@ def assemble_chunks(parts: Sequence[Path], sha256: str, target: Path) -> Path:
         log.warning("%s does not hash to the expected SHA256; assembling it again", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("assembling %s from %d chunk files (once; cached afterwards)", target, len(parts))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    tmp = Path(tmp_name)
+    # beside the target (same file system, so os.replace is atomic); "xb" honours the umask
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "xb") as out:
             for part in parts:
                 with open(part, "rb") as f:
                     while block := f.read(_BLOCK):
