@@ -36,6 +36,8 @@ def test_assembly_concatenates_in_order_and_reuses_the_file(tmp_path, monkeypatc
     mtime = target.stat().st_mtime_ns
     assert assemble_chunks(parts, sha, target) == target
     assert target.stat().st_mtime_ns == mtime
+    monkeypatch.setattr(builtin, "sha256_file", fail)  # hashed once in this process: not again
+    assert assemble_chunks(parts, sha, target) == target
 
 
 def test_assembly_refuses_a_sha256_mismatch_and_leaves_nothing(tmp_path):

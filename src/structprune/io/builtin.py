@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "STRUCTPRUNE_CACHE"
 _BLOCK = 1 << 20  # bytes read at once when copying and hashing
+# files already hashed in this process -> (sha256, size, mtime_ns) when they matched, so the checks
+# before work and the load that follows hash a cached file once, not once per call
+_VERIFIED: dict[Path, tuple[str, int, int]] = {}
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,9 @@ def assemble_chunks(parts: Sequence[Path], sha256: str, target: Path) -> Path:
     a file at `target`. Raises ValueError when the assembled bytes do not hash to `sha256`."""
     target = Path(target)
     if target.is_file():
-        if sha256_file(target) == sha256:
+        stamp = (sha256, target.stat().st_size, target.stat().st_mtime_ns)
+        if _VERIFIED.get(target) == stamp or sha256_file(target) == sha256:
+            _VERIFIED[target] = stamp
             return target
         log.warning("%s does not hash to the expected SHA256; assembling it again", target)
     target.parent.mkdir(parents=True, exist_ok=True)
