@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save it")
-    p.add_argument("model", help="local HF folder, .gguf file, hub id, or 'smollm2-135m'")
+    p.add_argument("model", help="local HF folder, .gguf file, hub id, or a built-in name: smollm2-135m, gemma3-270m")
     add_prune_options(p)
     add_common(p)
     p.add_argument("--eval", action="store_true", help="also measure dense and pruned perplexity")

@@ -126,7 +126,8 @@ def add_eval_data(p: argparse.ArgumentParser, prefix: bool) -> None:
 
 
 def add_export_options(x: argparse.ArgumentParser) -> None:
-    x.add_argument("model", help="a structprune output folder, HF folder, .gguf file or 'smollm2-135m'")
+    x.add_argument("model", help="a structprune output folder, HF folder, .gguf file or a built-in name "
+                                 "(smollm2-135m, gemma3-270m)")
     x.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default gguf)")
     x.add_argument("--out", required=True, help="output file, e.g. model.gguf")
     x.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"],

