@@ -9,8 +9,8 @@ The eval splits are never read here; they only report the chosen default (benchm
     python benchmarks/choose_default.py --model smollm2-135m --nsamples 16 --sparsities 0.3
     python benchmarks/choose_default.py --model gemma3-270m --nsamples 16 --sparsities 0.3
 
-Writes benchmarks/results/validation/<model>_n<nsamples>.json (the harness's run file: every cell, its
-plan under plans/) and prints the table; rerunning continues where it stopped.
+Writes benchmarks/results/validation/<model>/n<nsamples>.json (the harness's run file: every cell, its
+plan under plans/ beside it) and prints the table; rerunning continues where it stopped.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{args.model.replace('/', '_')}_n{args.nsamples}.json"
+    folder = RESULTS / args.model.replace("/", "_")  # one folder per model: plans/ is named by cell only
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"n{args.nsamples}.json"
     for tag in args.candidates:
         rc = _run(args, out, tag, CANDIDATES[tag])
         if rc:
