@@ -72,3 +72,20 @@ def test_plan_replays_onto_dense_model():
     apply_plan(replay, get_adapter(replay.config), plan)
     ids = windows(2)
     torch.testing.assert_close(logits(replay, ids), logits(res.model, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_residual_target_on_a_family_that_normalises_the_mlp_output_fails_before_any_work(monkeypatch):
+    """Gemma 3 normalises the MLP output before the residual add: target='residual' is refused before the
+    calibration capture and the allocation (a sensitivity run used to measure every module first)."""
+    import structprune.pipeline as pipeline
+
+    def no_work(*_a, **_k):
+        raise AssertionError("the allocation ran before the target was checked")
+
+    monkeypatch.setattr(pipeline, "allocate", no_work)
+    monkeypatch.setattr(pipeline.sensitivity, "allocate", no_work)
+    model = tiny_model("gemma3_text")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation="sensitivity",
+                                   sensitivity="linear", prune_attention=False, target="residual", target_mix=0.5)
+    with pytest.raises(ValueError, match="target='residual' needs layers whose MLP output"):
+        sp.prune(model, cfg, calib_windows=windows(8), progress=False)

@@ -63,6 +63,7 @@ def prune_model(model: nn.Module | LayerSource, windows: torch.Tensor, config: P
     total_dense = source.total_params()
     out, adapter, bias_fields = open_output(source, config.refit.bias_compensation and config.refit.method != "none")
     check_reachable(config, adapter)  # an unreachable sparsity fails before any work
+    _check_family(config, adapter)  # so does a target this family cannot take
     layers = adapter.decoder_layers(out)
     prefix = layers_prefix(out)
     dense_params = decoder_params(adapter)
@@ -116,14 +117,17 @@ def _allocation(config: PruneConfig, adapter: Adapter, out: nn.Module, dense_lay
     return rule(config, adapter, out, dense_layer, stream, holdout, progress)
 
 
-def _check_output(config: PruneConfig, adapter: Adapter, allocation: Allocation, masks: PrunePlan | None) -> None:
-    """Before the first layer: the output config for the planned shapes must save and reload, and
-    the residual target needs a family whose MLP adds straight to the residual stream."""
-    adapter.check_shapes([lp.shape for lp in masks.layers] if masks is not None
-                         else planned_shapes(adapter, allocation.keep, config.prune_mlp, config.round_to))
+def _check_family(config: PruneConfig, adapter: Adapter) -> None:
+    """Before any work: the residual target needs a family whose MLP adds straight to the residual stream."""
     if config.refit.target == "residual" and not adapter.mlp_adds_to_residual():
         raise ValueError(f"target='residual' needs layers whose MLP output is added straight to the residual "
                          f"stream; {adapter.config.model_type} normalises it first. Use target='local'")
+
+
+def _check_output(config: PruneConfig, adapter: Adapter, allocation: Allocation, masks: PrunePlan | None) -> None:
+    """Before the first layer: the output config for the planned shapes must save and reload."""
+    adapter.check_shapes([lp.shape for lp in masks.layers] if masks is not None
+                         else planned_shapes(adapter, allocation.keep, config.prune_mlp, config.round_to))
 
 
 @dataclass
