@@ -55,6 +55,13 @@ _PLAIN = textwrap.dedent("""
 """)
 
 
+
+def _reference(out, ids):
+    """(logits, greedy continuation) of a saved folder loaded with structprune: what plain loading must match."""
+    ref = sp.load_pruned(out)
+    with torch.no_grad():
+        return logits(ref, ids), ref.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
+
 def _run_plain(tmp_path, jobs: list[tuple[str, str]], ids: torch.Tensor) -> subprocess.CompletedProcess:
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -75,10 +82,7 @@ def test_non_uniform_folders_load_without_structprune(tmp_path):
         config = json.loads((out / "config.json").read_text())
         assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_structprune.{HUB_CLASSES[family]}"
         assert (out / MODELING_NAME).is_file()
-        ref = sp.load_pruned(out)
-        with torch.no_grad():
-            expected[family] = (logits(ref, ids), ref.generate(ids[:1, :6], max_new_tokens=8, do_sample=False,
-                                                              pad_token_id=0))
+        expected[family] = _reference(out, ids)
         jobs.append((str(out), str(tmp_path / f"{family}.pt")))
     proc = _run_plain(tmp_path, jobs, ids)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
@@ -166,10 +170,7 @@ def test_real_checkpoint_layouts_load_without_structprune(tmp_path):
                 break
         assert not res.model.config.structprune["vanilla"], name
         out = save_pruned(res.model, res.plan, tmp_path / name)
-        ref = sp.load_pruned(out)
-        with torch.no_grad():
-            expected[name] = (logits(ref, ids), ref.generate(ids[:1, :6], max_new_tokens=8, do_sample=False,
-                                                            pad_token_id=0))
+        expected[name] = _reference(out, ids)
         jobs.append((str(out), str(tmp_path / f"{name}.pt")))
     proc = _run_plain(tmp_path, jobs, ids)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
