@@ -25,12 +25,17 @@ from structprune.cli import main as cli_main
 RESULTS = Path(__file__).parent / "results" / "validation"
 # tag -> PruneConfig options (flat names, as `structprune prune` flags / `--set FIELD=VALUE`)
 CANDIDATES = {
-    "uniform": [],  # today's default: uniform over depth, rho searched on held-back windows
-    "senslin-both": ["allocation=sensitivity", "sensitivity=linear"],
-    "senslin-mlp": ["allocation=sensitivity", "sensitivity=linear", "prune_attention=false"],
-    "senslin-mlp-res": ["allocation=sensitivity", "sensitivity=linear", "prune_attention=false", "target=residual",
-                        "target_mix=0.5"],
+    "uniform": ["allocation=uniform"],  # the default before issue 18: uniform over depth, rho searched
+    # sensitivity linear, heads and neurons: each module measured up to 1.5x / 2x the sparsity
+    "senslin": ["allocation=sensitivity", "sensitivity=linear", "sensitivity_max_step=1.5"],
+    "senslin-s2": ["allocation=sensitivity", "sensitivity=linear", "sensitivity_max_step=2.0"],
+    "senslin-mlp15": ["allocation=sensitivity", "sensitivity=linear", "prune_attention=false",
+                      "sensitivity_max_step=1.5"],
 }
+# Cells measured with the first linear estimator (each candidate layer run on the held-back
+# windows, all calibration windows re-fitting the candidates, up to 2x the sparsity): kept in the
+# JSON files and printed when present, no longer re-run.
+EARLIER = ["senslin-both", "senslin-mlp", "senslin-mlp-res"]
 
 
 def _run(args: argparse.Namespace, out: Path, tag: str, options: list[str]) -> int:
@@ -46,10 +51,10 @@ def table(results: dict, sparsities: list[float]) -> list[str]:
     rows = [f"dense validation perplexity {dense:.3f}", "",
             "| candidate | " + " | ".join(f"{s:g}" for s in sparsities) + " |",
             "|---|" + "---|" * len(sparsities)]
-    for tag in CANDIDATES:
+    for tag in [*CANDIDATES, *(f"{t} (earlier)" for t in EARLIER)]:
         cells = []
         for s in sparsities:
-            cell = results["cells"].get(f"structprune-{tag}@{s}")
+            cell = results["cells"].get(f"structprune-{tag.removesuffix(' (earlier)')}@{s}")
             cells.append("-" if cell is None else
                          f"{cell['perplexity_by_text']['validation']:.3f} ({cell['time_ratio']:.1f}x)")
         rows.append(f"| {tag} | " + " | ".join(cells) + " |")

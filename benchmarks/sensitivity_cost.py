@@ -4,8 +4,8 @@
         --json benchmarks/results/sensitivity_cost.json
 
 Random-weight OPT-shaped models (benchmarks/opt_shapes.py configs, a tiny hidden size: only the
-counts matter) of 12 / 24 / 32 / 48 layers, FFN only at 30% (four fractions per module, as
-`--modules mlp`). Hooks on the model's own decoder layers and head count every call (one call
+counts matter) of 12 / 24 / 32 / 48 layers, FFN only at 30% (the default fractions per module,
+0.5 / 1 / 1.5 x the sparsity, as `--modules mlp`). Hooks on the model's own decoder layers and head count every call (one call
 = one batch; one calibration batch and one held-back batch here, so a call is a layer pass over
 all the held-back or calibration windows) in `sensitivity.exact.measure` and
 `sensitivity.linear.measure`; the most decoder-layer copies alive at any layer call is tracked
@@ -48,7 +48,8 @@ def count_run(n_layers: int, rule, hidden_size: int, seqlen: int, n_calib: int, 
     config = PruneConfig.from_flat(sparsity=0.3, nsamples=n_calib, seqlen=seqlen, batch_size=max(n_calib, n_hold),
                          device="cpu", allocation="sensitivity", prune_attention=False)
     keys = prunable_keys(config, ad)
-    removed = fractions(prunable_sparsity(config, ad), config.max_layer_sparsity)
+    removed = fractions(prunable_sparsity(config, ad), config.max_layer_sparsity,
+                        config.allocation.sensitivity_max_step)
     counts = {"layer": 0, "head": 0, "max_live_layers": 0}
     live: weakref.WeakSet = weakref.WeakSet()
 
@@ -105,8 +106,9 @@ def main() -> None:
                     "seqlen": args.seqlen,
                     "count": "decoder-layer calls (one per batch; one batch per stream) and head calls, by hooks"},
         "formulas": {"exact": "L (calibration) + L (held-back dense) + c * L(L+1)/2 (candidates and their tails)",
-                     "linear": "L (held-back dense) + (L-1) (recompute for the backward) + L (calibration) + "
-                               "L (held-back dense beside it) + c * L (candidates) = (4 + c) L - 1",
+                     "linear": "L (held-back dense) + L (recompute for the backward) + L (calibration) + "
+                               "L (held-back dense beside it) = 4 L; each candidate is one consumer-sized product "
+                               "on the held-back tokens, no layer run",
                      "head_exact": "held-back windows x (c L + 1)",
                      "head_linear": "held-back windows (one forward and backward each)"},
         "rows": rows,

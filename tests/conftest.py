@@ -79,3 +79,17 @@ def save_tiny_folder(folder) -> None:
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
     tiny_model("llama").save_pretrained(folder)
     tok.save_pretrained(folder)
+
+
+def spy_stream_tokens(monkeypatch, module, name: str, stream_arg: int) -> list[int]:
+    """Replace `module.name` by a wrapper that records how many tokens its positional argument
+    `stream_arg` (a LayerStream) holds at each call; returns the list it appends to."""
+    seen: list[int] = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append(sum(x.shape[0] * x.shape[1] for x in args[stream_arg]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen

@@ -18,10 +18,10 @@ def test_split_holdout_holds_back_the_last_eighth():
     ids = windows(17)
     calib, held, same = split_holdout(ids, cfg)
     assert torch.equal(calib, ids[:-2]) and torch.equal(held, ids[-2:]) and same is cfg
-    calib, held, one = split_holdout(ids[:1], cfg)
-    assert held is None and (one.allocation.rho, one.allocation.temperature) == (1.0, math.inf)
-    with pytest.raises(ValueError, match="sensitivity"):
-        split_holdout(ids[:1], cfg.with_flat(allocation="sensitivity"))
+    calib, held, one = split_holdout(ids[:1], cfg)  # the default (sensitivity): uniform instead
+    assert held is None and (one.allocation.rule, one.allocation.rho) == ("uniform", 1.0)
+    calib, held, one = split_holdout(ids[:1], cfg.with_flat(allocation="softmax"))
+    assert held is None and (one.allocation.rule, one.allocation.temperature) == ("softmax", math.inf)
 
 
 def test_only_the_api_splits_held_back_windows_off_given_windows():

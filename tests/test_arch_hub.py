@@ -104,7 +104,8 @@ def test_plain_interpreter_really_lacks_structprune(tmp_path):
 
 def test_uniform_folder_stays_plain(tmp_path):
     """A vanilla (uniform, expressible) folder gets no remote code: plain from_pretrained loads it."""
-    cfg = sp.PruneConfig.from_flat(sparsity=0.25, nsamples=8, seqlen=24, device="cpu", prune_attention=False)
+    cfg = sp.PruneConfig.from_flat(sparsity=0.25, nsamples=8, seqlen=24, device="cpu", prune_attention=False,
+                                   allocation="uniform")
     res = sp.prune(tiny_model("llama"), cfg, calib_windows=windows(8), progress=False)
     out = save_pruned(res.model, res.plan, tmp_path / "m")
     assert "auto_map" not in json.loads((out / "config.json").read_text())

@@ -50,7 +50,8 @@ def test_json_round_trip_of_every_config_class(config):
 def test_prune_config_dict_is_nested_and_versioned():
     data = PruneConfig().to_dict()
     assert data["_version"] == 2
-    assert data["allocation"]["rule"] == "uniform" and data["allocation"]["rho"] is None
+    assert data["allocation"]["rule"] == "sensitivity" and data["allocation"]["sensitivity"] == "linear"
+    assert data["allocation"]["rho"] is None
     assert data["refit"]["method"] == "lstsq" and data["refit"]["admm"]["iters"] == 4
     assert data["flap"] == {"standardise": "layer", "square_attention": True}
 

@@ -47,7 +47,8 @@ def test_sparsity_extremes_every_reconstruction(family, end, reconstruction):
     sparsity = 0.05 if end == "low" else min(0.9, math.floor(top * 100) / 100)
     assert sparsity >= 0.85 or end == "low"
     ids = windows(4, 16)
-    cfg = sp.PruneConfig.from_flat(sparsity=sparsity, reconstruction=reconstruction, max_layer_sparsity=1.0, rho=1.0, **FAST)
+    cfg = sp.PruneConfig.from_flat(sparsity=sparsity, reconstruction=reconstruction, max_layer_sparsity=1.0, allocation="uniform",
+                                   rho=1.0, **FAST)
     res = sp.prune(model, cfg, calib_windows=ids, progress=False)
     _assert_finite(res.model, ids)
     assert abs(res.plan.actual_sparsity - sparsity) <= 0.01

@@ -33,7 +33,8 @@ def test_save_load_identical_logits(family, tmp_path):
 def test_uniform_shapes_reload_with_plain_transformers(family, tmp_path):
     """MLP-only pruning gives uniform shapes -> a vanilla checkpoint for every family."""
     model = tiny_model(family)
-    cfg = sp.PruneConfig.from_flat(sparsity=0.25, nsamples=8, seqlen=24, device="cpu", prune_attention=False)
+    cfg = sp.PruneConfig.from_flat(sparsity=0.25, nsamples=8, seqlen=24, device="cpu", prune_attention=False,
+                                   allocation="uniform")
     res = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
     assert res.model.config.structprune["vanilla"]
     out = save_pruned(res.model, res.plan, tmp_path / "m")

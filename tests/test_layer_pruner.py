@@ -76,3 +76,26 @@ def test_residual_target_refuses_families_that_normalise_the_mlp_output():
     model = tiny_model("gemma3_text")
     with pytest.raises(ValueError, match="target='residual'.*target='local'"):
         sp.prune(model, _cfg(target="residual"), calib_windows=windows(8), progress=False)
+
+
+def test_a_module_kept_whole_gathers_no_statistics(monkeypatch):
+    """A module that keeps every unit is left as it is without a statistics pass (nothing would read
+    it); the result equals the run that gathered them, and modules that lose units still gather them."""
+    from structprune.layer_pruner import LayerPruner
+
+    seen = []
+    real = LayerPruner._stats
+
+    def spy(self, w, kind):
+        seen.append((w.index, kind))
+        return real(self, w, kind)
+
+    monkeypatch.setattr(LayerPruner, "_stats", spy)
+    model, ids = tiny_model("llama"), windows(8)
+    cfg = sp.PruneConfig.from_flat(sparsity=0.2, nsamples=8, seqlen=24, device="cpu", allocation="uniform", rho=0.0)
+    res = sp.prune(model, cfg, calib_windows=ids, progress=False)
+    assert seen == [(i, "mlp") for i in range(model.config.num_hidden_layers)]  # every head kept: no "attn"
+    monkeypatch.setattr(LayerPruner, "_whole", lambda self, keeps_every_unit: False)  # gather them anyway
+    ref = sp.prune(model, cfg, calib_windows=ids, progress=False)
+    assert [lp.kept_heads for lp in res.plan.layers] == [lp.kept_heads for lp in ref.plan.layers]
+    torch.testing.assert_close(logits(res.model, ids[:2]), logits(ref.model, ids[:2]), rtol=0, atol=0)

@@ -92,8 +92,8 @@ def test_prune_save_reload(layout, modules, sparsity, tmp_path):
     1 point of the requested actual sparsity, or (only when the model cannot reach it) fails before
     any work with the reachable maximum in the message."""
     model = layout_model(layout)
-    cfg = sp.PruneConfig.from_flat(sparsity=sparsity, nsamples=4, seqlen=16, batch_size=4, device="cpu", rho=1.0,
-                         **MODULES[modules])
+    cfg = sp.PruneConfig.from_flat(sparsity=sparsity, nsamples=4, seqlen=16, batch_size=4, device="cpu",
+                                   allocation="uniform", rho=1.0, **MODULES[modules])
     ids = windows(4, 16)
     top = max_sparsity(get_adapter(model.config), modules, cfg.max_layer_sparsity)
     if sparsity > top:

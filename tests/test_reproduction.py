@@ -14,6 +14,13 @@ and 2, so no tolerance is needed.
 Only the public API is used (structprune.prune, structprune.PruneConfig), so module moves
 inside the package cannot break this file. The named methods' presets are written out here
 (a copy of methods.METHODS at 3b2dcf4) for the same reason.
+
+Intended behaviour changes since, each re-recorded case by case (`make_golden.py --only`):
+- issue 18 made the sensitivity rule (linear) the default allocation. The cases recorded with the
+  old default (uniform, rho searched) now name allocation "uniform" and reproduce unchanged;
+  "<family>/default" cases record the new default. The sensitivity cases name
+  sensitivity_max_step=2.0 (the value they were recorded with; the default is now 1.5); the linear
+  estimate's move to the consumer's output left these two cases' plans and weights unchanged.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ DENSE = "=dense"  # stored instead of a hash for a tensor equal to the unpruned 
 BASE = dict(sparsity=0.3, nsamples=8, seqlen=24, batch_size=3, device="cpu")  # 8 windows in batches 3 + 3 + 2
 
 METHODS: dict[str, dict[str, Any]] = {  # methods.METHODS at 3b2dcf4
-    "structprune": {"scorer": "wanda"},
+    "structprune": {"scorer": "wanda", "allocation": "uniform"},  # the allocation default at 3b2dcf4
     "wanda-sp": {"scorer": "wanda", "allocation": "uniform", "reconstruction": "none", "rho": 0.0},
     "magnitude": {"scorer": "magnitude", "allocation": "uniform", "reconstruction": "none", "rho": 0.0},
     "random": {"scorer": "random", "allocation": "uniform", "reconstruction": "none", "rho": 0.0},
@@ -54,19 +61,19 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "softmax": {"allocation": "softmax", "temperature": "auto"},
     "softmax-fixed-T": {"allocation": "softmax", "temperature": "0.1x"},
     "softmax-modular": {"allocation": "softmax-modular"},
-    "sensitivity-exact": {"allocation": "sensitivity", "sensitivity": "exact"},
-    "sensitivity-linear": {"allocation": "sensitivity", "sensitivity": "linear"},
-    "recon-none": {"reconstruction": "none", "rho": 1.0},
-    "recon-lstsq": {"reconstruction": "lstsq", "rho": 1.0},
-    "recon-admm": {"reconstruction": "admm", "rho": 1.0, "admm_iters": 2, "admm_attn_steps": 2},
-    "selection-obs": {"selection": "obs", "rho": 1.0},
-    "target-dense": {"target": "dense", "rho": 1.0},
-    "target-local": {"target": "local", "rho": 1.0, "scorer": "magnitude"},  # default; magnitude: not recon-lstsq
-    "target-residual": {"target": "residual", "target_mix": 0.5, "rho": 1.0},
-    "bias-compensation": {"bias_compensation": True, "rho": 1.0},
-    "mlp-only": {"prune_attention": False},
-    "attention-only": {"prune_mlp": False, "sparsity": 0.2},  # at most 0.27 reachable
-    "round-to-8": {"round_to": 8},
+    "sensitivity-exact": {"allocation": "sensitivity", "sensitivity": "exact", "sensitivity_max_step": 2.0},
+    "sensitivity-linear": {"allocation": "sensitivity", "sensitivity": "linear", "sensitivity_max_step": 2.0},
+    "recon-none": {"allocation": "uniform", "reconstruction": "none", "rho": 1.0},
+    "recon-lstsq": {"allocation": "uniform", "reconstruction": "lstsq", "rho": 1.0},
+    "recon-admm": {"allocation": "uniform", "reconstruction": "admm", "rho": 1.0, "admm_iters": 2, "admm_attn_steps": 2},
+    "selection-obs": {"allocation": "uniform", "selection": "obs", "rho": 1.0},
+    "target-dense": {"allocation": "uniform", "target": "dense", "rho": 1.0},
+    "target-local": {"allocation": "uniform", "target": "local", "rho": 1.0, "scorer": "magnitude"},  # default; magnitude: not recon-lstsq
+    "target-residual": {"allocation": "uniform", "target": "residual", "target_mix": 0.5, "rho": 1.0},
+    "bias-compensation": {"allocation": "uniform", "bias_compensation": True, "rho": 1.0},
+    "mlp-only": {"allocation": "uniform", "prune_attention": False},
+    "attention-only": {"allocation": "uniform", "prune_mlp": False, "sparsity": 0.2},  # at most 0.27 reachable
+    "round-to-8": {"allocation": "uniform", "round_to": 8},
     # the 0.4 cap binds: without it the last layer keeps a single neuron
     "max-layer-sparsity": {"allocation": "softmax", "temperature": "0.01x", "max_layer_sparsity": 0.4},
     "layer-importance-raw": {"allocation": "softmax", "layer_importance": "raw"},
@@ -89,7 +96,9 @@ def cases() -> dict[str, dict[str, Any]]:
     out["llama/masks-replay"] = dict(family="llama", config={**BASE, "rho": 1.0}, holdout="given",
                                      masks={**BASE, "allocation": "softmax", "reconstruction": "none"})
     # a safetensors folder read layer by layer, windows drawn by the API from a local text file
-    out["llama-folder/text-file"] = dict(family="llama", config=dict(BASE), holdout="file")
+    out["llama-folder/text-file"] = dict(family="llama", config={**BASE, "allocation": "uniform"}, holdout="file")
+    # the default configuration since issue 18 (allocation "sensitivity", linear)
+    out.update({f"{fam}/default": dict(family=fam, config=dict(BASE), holdout="given") for fam in FAMILIES})
     return out
 
 

@@ -50,7 +50,7 @@ def test_at_most_one_dense_layer_resident(tmp_path):
     model = tiny_model("llama")
     model.config.num_hidden_layers = 3
     model.save_pretrained(tmp_path / "dense")
-    for allocation in ("uniform", "softmax"):
+    for allocation in ("uniform", "softmax", "sensitivity"):
         src = TrackingSource(tmp_path / "dense")
         cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation=allocation,
                              temperature="1.0")
@@ -88,7 +88,8 @@ def _recording_run(folder, tmp_path, **cfg):
 
     src = RecordingSource(folder, events=events)
     sink = RecordingWriter(tmp_path / f"out-{len(list(tmp_path.iterdir()))}", release=True)
-    config = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", rho=1.0, **cfg)
+    config = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=24, device="cpu", allocation="uniform", rho=1.0,
+                                      **cfg)
     res = sp.prune(src, config, calib_windows=windows(8), progress=False, sink=sink)
     return src, events, res
 

@@ -76,7 +76,8 @@ def test_obs_selection_needs_a_refit():
 @pytest.mark.parametrize("rho", [0.0, 1.0])
 def test_obs_pipeline_meets_sparsity_on_every_family(family, rho):
     model = tiny_model(family)
-    cfg = PruneConfig.from_flat(sparsity=0.3, device="cpu", nsamples=8, selection="obs", rho=rho)
+    cfg = PruneConfig.from_flat(sparsity=0.3, device="cpu", nsamples=8, selection="obs", allocation="uniform",
+                                rho=rho)
     res = sp.prune(model, cfg, calib_windows=windows(8), progress=False)
     assert abs(res.plan.actual_sparsity - 0.3) < 0.03, res.plan.actual_sparsity
     assert torch.isfinite(logits(res.model, windows(2, seed=4))).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, windows
+from conftest import spy_stream_tokens, tiny_model, windows
 
 import structprune as sp
 from structprune.arch import get_adapter
@@ -49,8 +49,24 @@ def test_sensitivity_measures_a_dead_mlp_as_free_and_allocates_by_the_curves():
     assert all(abs(c[0][1]) < 1e-4 * base for c in none_removed.values()), none_removed
 
 
-def test_sensitivity_with_one_calibration_window_is_a_clear_error():
-    """One window cannot be split into calibration and held-back text; the rule refuses, naming the fix."""
-    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=1, seqlen=24, device="cpu", allocation="sensitivity")
-    with pytest.raises(ValueError, match="nsamples >= 2"):
-        sp.prune(tiny_model("llama"), cfg, calib_windows=windows(1), progress=False)
+def test_sensitivity_with_one_calibration_window_falls_back_to_uniform(caplog):
+    """One window cannot be split into calibration and held-back text: the default rule falls back
+    to the uniform allocation and says so, naming the fix."""
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=1, seqlen=24, device="cpu")
+    with caplog.at_level("WARNING"):
+        res = sp.prune(tiny_model("llama"), cfg, calib_windows=windows(1), progress=False)
+    assert "nsamples >= 2" in caplog.text and res.plan.allocation["rule"] == "uniform"
+    assert abs(res.plan.actual_sparsity - 0.3) < 0.02
+
+
+@pytest.mark.parametrize("how", ["linear", "exact"])
+def test_candidates_are_refitted_on_a_token_prefix(monkeypatch, how):
+    """The candidates' re-fits read the first candidates.TOKENS calibration tokens (whole batches),
+    whatever the calibration size: the measurement's cost does not grow with nsamples."""
+    from structprune.sensitivity import candidates
+
+    seen = spy_stream_tokens(monkeypatch, candidates, "dense_consumer_stats", 2)
+    monkeypatch.setattr(candidates, "TOKENS", 4 * 24)
+    cfg = sp.PruneConfig.from_flat(sparsity=0.2, nsamples=16, seqlen=24, batch_size=4, device="cpu", sensitivity=how)
+    res = sp.prune(tiny_model("llama"), cfg, calib_windows=windows(16), progress=False)
+    assert seen == [4 * 24] and abs(res.plan.actual_sparsity - 0.2) < 0.03

@@ -9,14 +9,16 @@ from conftest import tiny_model
 
 from structprune.arch import get_adapter
 from structprune.planning import LayerScores
-from structprune.sensitivity.candidates import STEPS, candidate, fractions
+from structprune.sensitivity.candidates import candidate, fractions, steps
 from structprune.stats import GramAccumulator
 from structprune.surgery import get_weight
 
 
 def test_fractions_are_multiples_of_the_sparsity_capped_and_unique():
-    assert fractions(0.2, 0.9) == pytest.approx([s * 0.2 for s in STEPS])
-    assert fractions(0.3, 0.5) == pytest.approx([0.15, 0.3, 0.45, 0.5])
+    assert steps(1.5) == [0.5, 1.0, 1.5] and steps(2.0) == [0.5, 1.0, 1.5, 2.0] and steps(1.2) == [0.5, 1.0, 1.2]
+    assert fractions(0.2, 0.9) == pytest.approx([0.1, 0.2, 0.3])
+    assert fractions(0.2, 0.9, max_step=2.0) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert fractions(0.3, 0.5, max_step=2.0) == pytest.approx([0.15, 0.3, 0.45, 0.5])
     assert fractions(0.4, 0.4) == pytest.approx([0.2, 0.4])
     assert fractions(0.0, 0.9) == []
 

@@ -50,16 +50,15 @@ def split_holdout(windows: torch.Tensor, config: PruneConfig
                   ) -> tuple[torch.Tensor, torch.Tensor | None, PruneConfig]:
     """Given windows [n, seqlen] and no held-back ones, for a config that searches on
     held-back data: the last max(1, n // 8) windows are held back (returns (windows, holdout,
-    config)). One window cannot be split: allocation "sensitivity" is refused, and the rho and
-    temperature searches fall back to rho=1 and T=inf (uniform) with a warning."""
-    if windows.shape[0] < 2 and config.allocation.rule == "sensitivity":
-        raise ValueError("allocation='sensitivity' measures losses on held-back calibration windows and one "
-                         "calibration window cannot be split; use nsamples >= 2 or pass holdout windows")
+    config)). One window cannot be split: the allocation falls back to uniform (sensitivity; the
+    rho search to rho=1, the temperature search to T=inf) with a warning."""
     if windows.shape[0] < 2:
-        log.warning("one calibration window cannot be split for the automatic allocation search; "
-                    "using rho=1 and T=inf (uniform) instead")
         a = config.allocation
-        fallback = a.replace(rho=1.0 if a.rho is None else a.rho,
+        log.warning("one calibration window cannot be split for the allocation's held-back measurements; "
+                    "using %s instead (use nsamples >= 2 or pass holdout windows)",
+                    "the uniform allocation" if a.rule == "sensitivity" else "rho=1 and T=inf (uniform)")
+        fallback = a.replace(rule="uniform" if a.rule == "sensitivity" else a.rule,
+                             rho=1.0 if a.rho is None else a.rho,
                              temperature=math.inf if a.temperature is None else a.temperature)
         return windows, None, config.replace(allocation=fallback)
     n_hold = max(1, windows.shape[0] // 8)

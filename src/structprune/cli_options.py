@@ -70,10 +70,14 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selection", choices=SELECTIONS, default=None,
                    help="which units a module keeps: score (top scores, default) or obs (reconstruction-aware "
                         "greedy Optimal Brain Surgeon on the Gram matrix; needs a re-fit)")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default=None, help="per-layer budget rule")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help="per-layer budget rule: sensitivity (default; measured, re-fit-aware loss of each module) or "
+                        "uniform (one shape in every layer), closed-form, softmax, softmax-modular, flap")
     p.add_argument("--sensitivity", choices=SENSITIVITIES, default=None,
-                   help="allocation sensitivity: exact (each candidate through every later layer, quadratic in "
-                        "depth; default) or linear (second-order estimate from one backward pass)")
+                   help="allocation sensitivity: linear (default; second-order estimate from one streamed backward "
+                        "pass) or exact (each candidate through every later layer, quadratic in depth)")
+    p.add_argument("--sensitivity-max-step", type=float, default=None,
+                   help="allocation sensitivity: measure each module up to this multiple of the sparsity (default 1.5)")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default=None, help="weight re-fit")
     p.add_argument("--temperature", default=None,
                    help="softmax allocation temperature: auto (search on held-back calibration data), a number, "
@@ -115,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         admm_iters=args.admm_iters, admm_alpha=args.admm_alpha, admm_beta=args.admm_beta, admm_gamma=args.admm_gamma,
         admm_sgd_steps=args.admm_sgd_steps, admm_attn_steps=args.admm_attn_steps, layer_importance=args.layer_importance,
         chunk_tokens=args.chunk_tokens, sensitivity=getattr(args, "sensitivity", None),
+        sensitivity_max_step=getattr(args, "sensitivity_max_step", None),
         round_to=getattr(args, "round_to", None), **kinds)
 
 

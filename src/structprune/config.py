@@ -151,12 +151,19 @@ class RefitConfig(Section):
 class AllocationConfig(Section):
     """How the sparsity budget is spread over layers and modules.
 
-    rule: "uniform", "closed-form", "softmax", "softmax-modular", "sensitivity" (each module's
-        held-back loss increase when it alone is pruned and re-fitted at a few ratios;
-        sensitivity/) or "flap" (FLAP's global ranking of standardised scores; methods/flap.py).
-    sensitivity: how rule "sensitivity" scores a module: "exact" pushes it through every later
-        layer and the head (quadratic in depth); "linear" estimates the held-back loss increase
-        from one streamed backward pass (docs/sensitivity.md).
+    rule: "sensitivity" (the default: each module's held-back loss increase when it alone is
+        pruned and re-fitted at a few ratios; sensitivity/), "uniform" (the same ratio in every
+        layer: the output keeps one shape), "closed-form", "softmax", "softmax-modular" or "flap"
+        (FLAP's global ranking of standardised scores; methods/flap.py). Chosen on validation
+        windows (docs/validation.md).
+    sensitivity: how rule "sensitivity" scores a module: "linear" (the default) estimates the
+        held-back loss increase from one streamed backward pass, linear in depth; "exact" pushes
+        each candidate through every later layer and the head (quadratic in depth; the reference)
+        (docs/sensitivity.md).
+    sensitivity_max_step: rule "sensitivity" measures each module at removed fractions 0.5, 1, ...
+        up to this multiple of the prunable sparsity (capped at max_layer_sparsity): a trust region,
+        since the additive model is not trusted for far larger removals (chosen on validation,
+        docs/validation.md).
     temperature: softmax rules' temperature; None: searched on held-back calibration windows.
     temperature_relative: the temperature is a multiple of the score scale (option "0.1x").
     rho: attention pruning ratio relative to the MLP's, for "uniform" and "softmax-modular"
@@ -168,8 +175,9 @@ class AllocationConfig(Section):
         by the median over tokens of each token's RMS, blind to a few massive activations).
     """
 
-    rule: str = "uniform"
-    sensitivity: str = "exact"
+    rule: str = "sensitivity"
+    sensitivity: str = "linear"
+    sensitivity_max_step: float = 1.5
     temperature: float | None = None
     temperature_relative: bool = False
     rho: float | None = None
@@ -179,6 +187,8 @@ class AllocationConfig(Section):
     def __post_init__(self) -> None:
         check(self.rule in ALLOCATIONS, "allocation", self.rule, f"choose one of {ALLOCATIONS}")
         check(self.sensitivity in SENSITIVITIES, "sensitivity", self.sensitivity, f"choose one of {SENSITIVITIES}")
+        check(is_number(self.sensitivity_max_step) and self.sensitivity_max_step >= 0.5, "sensitivity_max_step",
+              self.sensitivity_max_step, "use a multiple of the sparsity >= 0.5 (e.g. 1.5)")
         check(self.temperature is None or is_number(self.temperature) and self.temperature > 0, "temperature",
               self.temperature, "use None (search) or a positive number (strings such as 'auto' or '0.1x': "
               "parse_temperature or PruneConfig.from_flat)")
@@ -356,7 +366,8 @@ def _flat_names() -> dict[str, tuple[str, ...]]:
     core = [f.name for f in dataclasses.fields(PruneConfig) if f.name not in PruneConfig.NESTED]
     out: dict[str, tuple[str, ...]] = {name: (name,) for name in core}
     out.update({"allocation": ("allocation", "rule"), "reconstruction": ("refit", "method")})
-    out.update({name: ("allocation", name) for name in ("sensitivity", "rho", "gamma", "layer_importance")})
+    out.update({name: ("allocation", name) for name in ("sensitivity", "sensitivity_max_step", "rho", "gamma",
+                                                                    "layer_importance")})
     out.update({name: ("refit", name) for name in ("target", "target_mix", "damp", "bias_compensation")})
     out.update({f"admm_{f.name}": ("refit", "admm", f.name) for f in dataclasses.fields(AdmmConfig)})
     out.update({f"flap_{f.name}": ("flap", f.name) for f in dataclasses.fields(FlapConfig)})

@@ -107,9 +107,13 @@ class LayerPruner:
         """Score query heads on o_proj, keep whole KV groups, re-fit o_proj; (kept q, kept kv, head scores)."""
         ad, cfg, hd = self.adapter, self.config, self.adapter.head_dim
         key = (w.index, "attn")
+        target = budget.target(key)
+        n_q, n_kv = w.shape.num_heads, w.shape.num_kv_heads
+        if fixed is None and self._whole(target >= n_kv * ad.kv_head_cost + n_q * ad.q_head_cost):
+            budget.spent(key, target, n_q * ad.q_head_cost + n_kv * ad.kv_head_cost)
+            return torch.arange(n_q), torch.arange(n_kv), torch.zeros(0)
         stats = self._stats(w, "attn").acc
         head_scores = unit_scores(column_scores(cfg.scorer, get_weight(ad.o_proj(w.pruned)), stats, self.gen), hd)
-        target = budget.target(key)
         if fixed is not None:  # replay a plan's masks (e.g. to compare re-fits on the same units)
             keep_q, keep_kv = torch.tensor(fixed.kept_heads), torch.tensor(fixed.kept_kv_heads)
         else:
@@ -132,9 +136,14 @@ class LayerPruner:
         """Score neurons on the consumer, re-fit it; (kept neurons, neuron scores, dense layer outputs)."""
         ad, cfg = self.adapter, self.config
         key = (w.index, "mlp")
+        target = budget.target(key)
+        n = w.shape.intermediate_size
+        if (fixed is None and w.xd is None and cfg.refit.target == "local"
+                and self._whole(neuron_count(target, ad.neuron_cost, n, cfg.round_to) == n)):
+            budget.spent(key, target, n * ad.neuron_cost)
+            return torch.arange(n), torch.zeros(0), None
         st = self._stats(w, "mlp")
         neuron_scores = column_scores(cfg.scorer, get_weight(ad.down_proj(w.pruned)), st.acc, self.gen)
-        target = budget.target(key)
         if fixed is not None:
             keep_n = torch.tensor(fixed.kept_neurons)
         elif cfg.selection == "obs":
@@ -151,6 +160,13 @@ class LayerPruner:
             if cfg.refit.method == "admm":
                 w.recon["mlp"].update(self._admm(w.pruned, w.dense, keep_n, st.block_in, st.block_out))
         return keep_n, neuron_scores, st.dense_out
+
+    def _whole(self, keeps_every_unit: bool) -> bool:
+        """Whether a module that keeps every unit is left as it is without gathering its statistics:
+        nothing would read them (no unit is removed, so there is no re-fit; the local target asks
+        none of a whole module). Not with OBS selection or a scorer that draws random numbers (the
+        generator's stream must not depend on which modules are whole)."""
+        return keeps_every_unit and self.config.selection != "obs" and self.config.scorer != "random"
 
     def _stats(self, w: LayerWork, kind: str) -> ConsumerStats:
         """Gram statistics of the consumer of `kind` on both streams, and what else the target needs.

@@ -8,6 +8,12 @@ added (which holds the cases and what is recorded of each):
     OMP_NUM_THREADS=1 PYTHONPATH=src python tests/golden/make_golden.py [OUT_DIR]
 
 and again with OMP_NUM_THREADS=2 into another folder; the two outputs were byte-identical.
+
+An INTENDED behaviour change (a new default, a changed estimate) re-records only the cases it
+changes, named one by one, on the commit that makes the change, and says so in the docstring of
+tests/test_reproduction.py:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python tests/golden/make_golden.py --only llama/default opt/default
 """
 
 from __future__ import annotations
@@ -24,9 +30,18 @@ sys.path.insert(0, str(TESTS))
 import test_reproduction as tr  # noqa: E402  (needs the tests folder on the path)
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, only: list[str] | None = None) -> None:
     by_file: dict[str, dict] = {}
+    if only:  # merge the named cases into the records already there
+        unknown = sorted(set(only) - set(tr.cases()))
+        if unknown:
+            raise SystemExit(f"no such case: {unknown}")
+        for name in only:
+            file = out_dir / tr.golden_file(name).name
+            by_file.setdefault(file.name, json.loads(file.read_text()) if file.exists() else {})
     for name, case in tr.cases().items():
+        if only and name not in only:
+            continue
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             by_file.setdefault(tr.golden_file(name).name, {})[name] = tr.record(case, Path(tmp))
@@ -53,4 +68,7 @@ def dumps(records: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else tr.GOLDEN_DIR)
+    args = sys.argv[1:]
+    names = args[args.index("--only") + 1:] if "--only" in args else None
+    rest = args[:args.index("--only")] if "--only" in args else args
+    main(Path(rest[0]) if rest else tr.GOLDEN_DIR, names)

@@ -84,6 +84,14 @@ def max_sparsity(adapter: Adapter, modules: str = "both", max_layer_sparsity: fl
     return 1.0 - kept / (attn + mlp)
 
 
+def module_reach(adapter: Adapter) -> dict[str, float]:
+    """The largest fraction of its weights one module can lose: {"attn": all but one KV group with
+    one query head, "mlp": all but one neuron} (the dense shape's)."""
+    shape = adapter.dense_shape()
+    attn, mlp = adapter.attn_params(shape), adapter.mlp_params(shape)
+    return {"attn": 1.0 - (adapter.q_head_cost + adapter.kv_head_cost) / attn, "mlp": 1.0 - adapter.neuron_cost / mlp}
+
+
 def check_reachable(config: PruneConfig, adapter: Adapter) -> None:
     """ValueError, before any work, when config.sparsity is above `max_sparsity` for this model.
     The whole-model rankings (scope global, allocation flap) apply no per-module cap."""

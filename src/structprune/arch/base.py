@@ -86,6 +86,11 @@ class Adapter:
         (pre-norm layers), so the consumer can be fitted to a residual-stream target."""
         return True
 
+    def branch_norm(self, layer: nn.Module, kind: str) -> nn.Module | None:
+        """The norm between the consumer of `kind` ("attn": o_proj, "mlp": down_proj) and the residual
+        add (sandwich-norm families), or None where the consumer's output is added as it is."""
+        return None
+
     def layer_attributes(self, layer: nn.Module) -> dict[str, Any]:
         """The `layer_attribute_names` this decoder layer has, with their values (a stand-in for
         the layer must carry them, see runtime/stream.py)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from .base import register
 from .llama import LlamaAdapter
 
@@ -16,3 +18,6 @@ class Gemma3Adapter(LlamaAdapter):
 
     def mlp_adds_to_residual(self) -> bool:
         return False  # post_feedforward_layernorm sits between down_proj and the residual add
+
+    def branch_norm(self, layer: nn.Module, kind: str) -> nn.Module | None:
+        return layer.post_attention_layernorm if kind == "attn" else layer.post_feedforward_layernorm

@@ -8,8 +8,9 @@ Unlike the softmax rules' proxy, which masks units without the re-fit, this sees
 each removal the re-fit gives back, layer by layer.
 
 Streamed, O(one layer) device memory:
-1. The dense model runs one layer at a time over the calibration windows
-   (`planning.dense_consumer_stats`, with Gram matrices) and over the held-back windows.
+1. The dense model runs one layer at a time over the first `candidates.TOKENS` tokens of the
+   calibration windows (`planning.dense_consumer_stats`, with Gram matrices) and over the
+   held-back windows.
 2. At layer i, each candidate is the dense layer with the module's lowest-scoring units removed
    (Wanda-style scores on the dense stream, as `planning.keep_sets`) and its consumer re-fitted
    on the calibration Gram (`refit_consumer`, local target).
@@ -34,10 +35,11 @@ from torch import nn
 from .. import allocation as alloc
 from ..arch import Adapter
 from ..config import PruneConfig
-from ..allocation.budget import module_params, prunable_keys, prunable_sparsity
+from ..allocation.budget import module_params, module_reach, prunable_keys, prunable_sparsity
 from ..planning import Allocation, DenseLayer, capture_holdout
 from ..runtime.stream import LayerStream
 from . import exact, linear
+from . import candidates
 from .candidates import fractions
 
 log = logging.getLogger(__name__)
@@ -53,14 +55,18 @@ def allocate(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_laye
     params = module_params(adapter)
     keys = prunable_keys(config, adapter)
     sparsity = prunable_sparsity(config, adapter)
-    removed = fractions(sparsity, config.max_layer_sparsity)
+    removed = {kind: fractions(sparsity, min(config.max_layer_sparsity, reach), config.allocation.sensitivity_max_step)
+                for kind, reach in module_reach(adapter).items()}
+    if not any(removed.values()):  # nothing to remove (sparsity 0): every module whole, nothing measured
+        return Allocation({k: 1.0 for k in params}, {"rule": "sensitivity", "prunable_sparsity": sparsity})
     hold = capture_holdout(model, stream, holdout)  # may be an empty shard
+    calib = stream.prefix(candidates.TOKENS)  # the candidates are re-fitted on a fixed token budget
     extra: dict[str, Any] = {}
     if config.allocation.sensitivity == "linear":  # second-order estimate, L-linear cost (linear.py)
-        curves, base, extra = linear.measure(config, adapter, model, dense_layer, stream, hold, holdout, keys,
+        curves, base, extra = linear.measure(config, adapter, model, dense_layer, calib, hold, holdout, keys,
                                              removed, progress)
     else:
-        curves, base = exact.measure(config, adapter, model, dense_layer, stream, hold, holdout, keys, removed,
+        curves, base = exact.measure(config, adapter, model, dense_layer, calib, hold, holdout, keys, removed,
                                      progress)
     kept = alloc.sensitivity_split([curves[k] for k in keys], [params[k] for k in keys], sparsity,
                                    config.max_layer_sparsity)

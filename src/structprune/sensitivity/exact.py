@@ -13,22 +13,24 @@ from ..config import PruneConfig
 from ..allocation.budget import Key
 from ..planning import DenseLayer, holdout_nll
 from ..runtime.stream import LayerStream
-from .candidates import layer_candidates
+from .candidates import Removed, by_kind, layer_candidates, with_consumer
 
 
 def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer: DenseLayer, calib: LayerStream,
-            hold: LayerStream, holdout: torch.Tensor, keys: list[Key], removed: list[float],
+            hold: LayerStream, holdout: torch.Tensor, keys: list[Key], removed: Removed,
             progress: bool = True) -> tuple[dict[Key, list[tuple[float, float]]], float]:
     """Loss-increase curves {module: [(removed fraction, held-back NLL increase)]} and the dense
     model's held-back NLL. calib: layer-0 inputs of the calibration windows (statistics);
     hold: layer-0 inputs of the `holdout` windows."""
     n_layers = adapter.num_layers
     losses: dict[Key, list[float]] = {}
-    bar = tqdm(total=len(keys) * len(removed), desc="sensitivity", disable=not progress, unit="module")
+    per_kind = by_kind(removed)
+    bar = tqdm(total=sum(len(per_kind[k]) for _, k in keys), desc="sensitivity", disable=not progress, unit="module")
     for i, layer, cands in layer_candidates(config, adapter, dense_layer, calib, keys, removed):
         with torch.no_grad():
             streams, kinds = [], []
-            for kind, _, cand in cands:
+            for kind, _, w, b in cands:
+                cand = with_consumer(adapter, layer, kind, w, b)
                 streams.append(hold.run(cand, i))
                 kinds.append(kind)
                 del cand
@@ -42,5 +44,5 @@ def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer
                 bar.update(1)
     bar.close()
     base = holdout_nll(model, adapter, holdout, hold)
-    curves = {k: [(r, v - base) for r, v in zip(removed, vals)] for k, vals in losses.items()}
+    curves = {k: [(r, v - base) for r, v in zip(per_kind[k[1]], vals)] for k, vals in losses.items()}
     return curves, base
