@@ -44,3 +44,15 @@ def test_a_candidate_masks_the_lowest_scoring_units_of_one_module_only(kind):
     kept = ~zero_cols
     dense = get_weight(ad.o_proj(layer) if kind == "attn" else ad.down_proj(layer))
     assert torch.equal((o if kind == "attn" else down)[:, kept], dense[:, kept])  # no re-fit: kept columns untouched
+
+
+def test_max_step_is_validated_and_reaches_the_config():
+    import structprune as sp
+    from structprune.cli import build_parser
+    from structprune.cli_options import config_from_args
+
+    with pytest.raises(ValueError, match="sensitivity_max_step"):
+        sp.PruneConfig.from_flat(sensitivity_max_step=0.2)
+    args = build_parser().parse_args(["prune", "m", "--sensitivity-max-step", "2", "--out", "x"])
+    assert config_from_args(args).allocation.sensitivity_max_step == 2.0
+    assert sp.PruneConfig().allocation.sensitivity_max_step == 1.5
