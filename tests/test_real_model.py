@@ -24,7 +24,7 @@ def real():
 def test_prune_real_model_end_to_end(real, tmp_path):
     model, tok, ev = real
     assert model.config.model_type == "llama" and model.config.num_key_value_heads == 3
-    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=256, device="cpu")
+    cfg = sp.PruneConfig.from_flat(sparsity=0.3, nsamples=8, seqlen=256, device="cpu", allocation="uniform")
     res = sp.prune(model, cfg, calib_windows=calibration_data(tok, cfg), progress=False)
     plan = res.plan
     assert abs(plan.actual_sparsity - 0.3) < 0.01  # PROTOCOL: actual decoder sparsity within 1 point
