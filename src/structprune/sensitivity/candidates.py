@@ -43,6 +43,11 @@ def by_kind(removed: Removed) -> dict[str, list[float]]:
     return removed if isinstance(removed, dict) else {"attn": list(removed), "mlp": list(removed)}
 
 
+def consumer(adapter: Adapter, layer: nn.Module, kind: str) -> nn.Module:
+    """The consumer projection of `kind` in `layer`: o_proj for "attn", down_proj for "mlp"."""
+    return adapter.o_proj(layer) if kind == "attn" else adapter.down_proj(layer)
+
+
 def consumer_refit(adapter: Adapter, layer: nn.Module, kind: str, scores: LayerScores, removed: float,
                    acc: GramAccumulator, damp: float, refit: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The consumer of `kind` (o_proj or down_proj) of the dense `layer` with the module's
@@ -51,7 +56,7 @@ def consumer_refit(adapter: Adapter, layer: nn.Module, kind: str, scores: LayerS
     q, _, n = keep_sets(adapter, scores, 1.0 - removed if kind == "attn" else 1.0,
                         1.0 - removed if kind == "mlp" else 1.0)
     cols = head_columns(q, adapter.head_dim) if kind == "attn" else n
-    module = adapter.o_proj(layer) if kind == "attn" else adapter.down_proj(layer)
+    module = consumer(adapter, layer, kind)
     w, b = get_weight(module).detach(), get_bias(module)
     if refit:
         new_w, new_b, _ = refit_consumer(w, None if b is None else b.detach(), acc, cols.to(acc.gram.device), damp)
@@ -66,7 +71,7 @@ def with_consumer(adapter: Adapter, layer: nn.Module, kind: str, weight: torch.T
                   bias: torch.Tensor | None) -> nn.Module:
     """A copy of `layer` whose consumer of `kind` has `weight` and `bias` (`consumer_refit`)."""
     cand = copy.deepcopy(layer)
-    set_weight(adapter.o_proj(cand) if kind == "attn" else adapter.down_proj(cand), weight, bias)
+    set_weight(consumer(adapter, cand, kind), weight, bias)
     return cand
 
 

@@ -25,7 +25,7 @@ The gradients g at every consumer output come from ONE streamed backward pass (`
    its gradient at the last layer's output (the only time the head is touched);
 3. from the last layer to the first, each layer is loaded again, recomputed with
    requires_grad on its input and the incoming gradient back-propagated (one layer on the
-   device; no parameter gradients); the gradients at its o_proj and down_proj outputs are kept,
+   device; no parameter gradients); the gradients at its measured branches' outputs are kept,
    the layer's input is freed once used.
 Then the dense calibration pass with Gram matrices (`planning.dense_consumer_stats`, over the
 first `candidates.TOKENS` calibration tokens) re-fits the candidates; at layer i the held-back
@@ -58,7 +58,7 @@ from ..planning import DenseLayer
 from ..runtime.hooks import capture_output, run_layer
 from ..surgery import get_bias, get_weight
 from ..runtime.stream import LayerStream
-from .candidates import Removed, by_kind, layer_candidates
+from .candidates import Removed, by_kind, consumer, layer_candidates
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,10 @@ def output_gradients(adapter: Adapter, model: nn.Module, dense_layer: DenseLayer
     return grads, nll, count
 
 
-def _consumer(adapter: Adapter, layer: nn.Module, kind: str) -> nn.Module:
-    return adapter.o_proj(layer) if kind == "attn" else adapter.down_proj(layer)
-
-
 def _branch(adapter: Adapter, layer: nn.Module, kind: str) -> nn.Module:
     """The module whose output the residual add takes: the consumer, or the norm after it."""
     norm = adapter.branch_norm(layer, kind)
-    return _consumer(adapter, layer, kind) if norm is None else norm
+    return consumer(adapter, layer, kind) if norm is None else norm
 
 
 def _layer_backward(adapter: Adapter, layer: nn.Module, inputs: LayerStream, index: int,
@@ -189,7 +185,7 @@ def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer
     bar = tqdm(total=sum(len(per_kind[k]) for _, k in keys), desc="sensitivity (linear)", disable=not progress, unit="module")
     for i, layer, cands in layer_candidates(config, adapter, dense_layer, calib, keys, removed):
         kinds = kinds_at.get(i, [])
-        consumers = [_consumer(adapter, layer, k) for k in kinds]
+        consumers = [consumer(adapter, layer, k) for k in kinds]
         inputs: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
 
         def keep(_b: int, _x: torch.Tensor, seen: list[list[torch.Tensor]]) -> None:
@@ -199,7 +195,7 @@ def measure(config: PruneConfig, adapter: Adapter, model: nn.Module, dense_layer
         with torch.no_grad():
             out = xh.run(layer, i, capture=consumers, visit=keep)
             for kind, r, w, b in cands:
-                first, second = _candidate_terms(_consumer(adapter, layer, kind), adapter.branch_norm(layer, kind),
+                first, second = _candidate_terms(consumer(adapter, layer, kind), adapter.branch_norm(layer, kind),
                                                  w, b, inputs[kind], grads[i][kind])
                 terms.setdefault((i, kind), []).append((r, first / tokens, second / tokens))
                 bar.update(1)
